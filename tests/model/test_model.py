@@ -1,0 +1,107 @@
+"""Whole-model behaviour: loss at init (§5 item 27), losses, gradients, bad input, MTP, stats."""
+
+import math
+
+import pytest
+import torch
+
+from model import ModelArgs, V4Model
+
+
+def tiny(**kw):
+    return ModelArgs.preset("tiny", **kw)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return V4Model(tiny())
+
+
+def _batch(T=64, B=2, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 512, (B, T + 1), generator=g)
+    return ids[:, :-1], ids[:, 1:]
+
+
+def test_loss_at_init_is_ln_vocab(model):
+    ids, labels = _batch()
+    out = model(ids, labels=labels)
+    assert set(out.losses) == {"lm", "mtp", "balance", "indexer"}
+    assert abs(out.losses["lm"].item() - math.log(512)) < 0.02
+    assert abs(out.losses["mtp"].item() - math.log(512)) < 0.02
+    assert out.logits.shape == (2, 64, 512) and out.logits.dtype == torch.float32
+    assert out.num_tokens == 128
+    expect = out.losses["lm"] + 0.3 * out.losses["mtp"] + out.losses["balance"] + out.losses["indexer"]
+    assert torch.allclose(out.loss, expect)
+
+
+def test_every_trainable_parameter_gets_a_gradient():
+    torch.manual_seed(0)
+    m = V4Model(tiny()).train()
+    ids, labels = _batch()
+    m(ids, labels=labels).loss.backward()
+    missing = [n for n, p in m.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert missing == []
+    assert {n for n, _ in m.named_buffers() if n.endswith(("tid2eid", "gate.bias"))}
+
+
+def test_ignored_labels_and_mtp_targets():
+    torch.manual_seed(0)
+    m = V4Model(tiny()).eval()
+    ids, labels = _batch(T=32)
+    docs = torch.zeros_like(ids)
+    docs[:, 20:] = 1
+    labels = labels.clone()
+    labels[:, 19] = -100
+    out = m(ids, labels=labels, doc_ids=docs)
+    assert out.num_tokens == 2 * 31
+    assert out.mtp_logits.shape == (2, 31, 512)
+
+
+def test_bias_update_moves_balancing_biases(model):
+    torch.manual_seed(0)
+    m = V4Model(tiny()).train()
+    ids, labels = _batch()
+    m(ids, labels=labels)
+    score_layers = [moe for moe in m.moe_layers() if not moe.hash_layer]
+    assert all(moe.expert_load.sum() == ids.numel() * 2 for moe in score_layers[:-1])
+    m.update_balance_biases()
+    assert all(moe.gate.bias.abs().sum() > 0 for moe in score_layers)
+    assert all(moe.expert_load.sum() == 0 for moe in m.moe_layers())
+
+
+def test_stats_collected(model):
+    ids, _ = _batch(T=32)
+    stats = model(ids, collect_stats=True).stats
+    n_units = 2 * (model.args.n_layers + 1)
+    assert len(stats.sinkhorn_row_error) == n_units and len(stats.max_comb_logit) == n_units
+    assert max(stats.sinkhorn_row_error) < 1e-3
+
+
+@pytest.mark.parametrize("bad,match", [
+    (lambda: torch.randint(0, 512, (2, 16)).float(), "dtype"),
+    (lambda: torch.full((2, 16), 512), "vocab_size"),
+    (lambda: torch.full((2, 16), -1), "vocab_size"),
+    (lambda: torch.zeros(2, 513, dtype=torch.long), "max_seq_len"),
+    (lambda: torch.zeros(16, dtype=torch.long), "2-D"),
+])
+def test_bad_input_raises_value_error(model, bad, match):
+    with pytest.raises(ValueError, match=match):
+        model(bad())
+
+
+def test_bad_doc_ids_and_labels(model):
+    ids = torch.zeros(1, 8, dtype=torch.long)
+    with pytest.raises(ValueError, match="non-decreasing"):
+        model(ids, doc_ids=torch.tensor([[0, 0, 1, 1, 0, 0, 2, 2]]))
+    with pytest.raises(ValueError, match="shape"):
+        model(ids, labels=torch.zeros(1, 7, dtype=torch.long))
+    with pytest.raises(ValueError, match="routing_override"):
+        model(ids, routing_override=[None])
+
+
+def test_meta_construction_tiny():
+    with torch.device("meta"):
+        m = V4Model(tiny())
+    assert all(p.is_meta for p in m.parameters())
