@@ -1,0 +1,1 @@
+"""Pretraining: Hydra entry `python -m train`, the loop, data, optimizers, parallel engines."""

@@ -1,0 +1,135 @@
+"""Atomic, verifiable checkpoints: save, list, pick the newest valid one, prune (issue: resume).
+
+A checkpoint is a directory checkpoints/step_<N>/ holding one torch file per part (model,
+optimizer, trainer state, ...) and manifest.json with each file's size and SHA-256. It is written
+under a temporary name and renamed into place, so a crash mid-save leaves the previous
+checkpoints untouched and no half-written step_<N>; a truncated or corrupted file fails its
+checksum and the checkpoint is skipped with a warning.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+
+log = logging.getLogger(__name__)
+MANIFEST = "manifest.json"
+_STEP_DIR = re.compile(r"^step_(\d{8})$")
+KNOWN_GOOD = "KNOWN_GOOD"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def step_dir(root: Path, step: int) -> Path:
+    return root / f"step_{step:08d}"
+
+
+def save_checkpoint(root: Path, step: int, parts: Dict[str, Any], meta: Optional[dict] = None) -> Path:
+    """Write parts (name -> picklable object) as checkpoints/step_<step>/ atomically."""
+    root.mkdir(parents=True, exist_ok=True)
+    final = step_dir(root, step)
+    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    files = {}
+    for name, obj in parts.items():
+        path = tmp / f"{name}.pt"
+        torch.save(obj, path)
+        files[path.name] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+    manifest = {"step": step, "files": files, "meta": meta or {}}
+    with open(tmp / MANIFEST, "w") as f:
+        json.dump(manifest, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    if final.exists():            # a re-save of the same step (e.g. after a rollback) replaces it
+        old = root / f".old-{final.name}-{os.getpid()}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    return final
+
+
+def verify_checkpoint(path: Path) -> Optional[str]:
+    """None if `path` is a complete checkpoint whose files match the manifest, else the reason."""
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        return "no manifest.json (incomplete save)"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        return f"unreadable manifest ({exc})"
+    for name, entry in manifest.get("files", {}).items():
+        file = path / name
+        if not file.is_file():
+            return f"missing {name}"
+        if file.stat().st_size != entry["bytes"]:
+            return f"{name} has {file.stat().st_size} bytes, manifest says {entry['bytes']} (truncated?)"
+        if _sha256(file) != entry["sha256"]:
+            return f"{name} fails its SHA-256 check (corrupted)"
+    return None
+
+
+def list_checkpoints(root: Path) -> List[Path]:
+    """Checkpoint directories under root, oldest first (temporary directories excluded)."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and _STEP_DIR.match(p.name)]
+    return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
+
+
+def latest_valid_checkpoint(root: Path) -> Optional[Path]:
+    """The newest checkpoint that verifies; broken ones are skipped with a warning."""
+    for path in reversed(list_checkpoints(root)):
+        problem = verify_checkpoint(path)
+        if problem is None:
+            return path
+        log.warning("skipping checkpoint %s: %s", path, problem)
+    return None
+
+
+def load_checkpoint(path: Path, parts: Optional[List[str]] = None) -> Dict[str, Any]:
+    """Verify and load the named parts (all by default) of a checkpoint directory."""
+    problem = verify_checkpoint(path)
+    if problem is not None:
+        raise ValueError(f"checkpoint {path} is not usable: {problem}; pick another checkpoint or "
+                         "run.resume=auto to take the newest valid one")
+    manifest = json.loads((path / MANIFEST).read_text())
+    names = parts or [Path(n).stem for n in manifest["files"]]
+    out = {name: torch.load(path / f"{name}.pt", map_location="cpu", weights_only=False) for name in names}
+    out["_meta"] = manifest.get("meta", {})
+    out["_step"] = manifest["step"]
+    return out
+
+
+def tag_known_good(path: Path) -> None:
+    """Mark a checkpoint as known good (kept by pruning; rollback target)."""
+    (path / KNOWN_GOOD).touch()
+
+
+def prune_checkpoints(root: Path, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` checkpoints, sparing those tagged known good."""
+    if keep_last <= 0:
+        return
+    checkpoints = list_checkpoints(root)
+    for path in checkpoints[:-keep_last]:
+        if not (path / KNOWN_GOOD).exists():
+            shutil.rmtree(path, ignore_errors=True)
+    for stale in root.glob(".tmp-step_*"):
+        shutil.rmtree(stale, ignore_errors=True)

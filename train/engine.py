@@ -1,0 +1,43 @@
+"""The single-process engine: backward, global-norm clipping, Muon + AdamW step, state.
+
+Same surface as the data-parallel engine in train/parallel (backward / step / set_lr /
+state_dict), so the loop does not care which one it drives.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from train.optim import OptimConfig, build_optimizer
+
+
+class LocalEngine:
+    """One process, one device: plain autograd, `clip_grad_norm_`, our Muon."""
+
+    def __init__(self, model: nn.Module, cfg: OptimConfig):
+        self.model, self.cfg = model, cfg
+        self.optimizer = build_optimizer(model, cfg)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+
+    def set_lr(self, lr: float) -> None:
+        self.optimizer.set_lr(lr)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> float:
+        """Clip to cfg.grad_clip (0 = no clip), step, zero the gradients; returns the pre-clip norm."""
+        max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def state_dict(self) -> dict:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state)
