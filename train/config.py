@@ -17,6 +17,7 @@ from model import ModelArgs
 from train.data import DataConfig
 from train.optim import OptimConfig
 from train.parallel.config import ParallelConfig
+from train.spikes import SpikeConfig
 
 RESUME_MODES = ("never", "auto")
 DEVICES = ("auto", "cpu", "cuda")
@@ -73,6 +74,11 @@ class TrainConfig:
     """'cpu', 'cuda' or 'auto' (cuda when available)."""
     stats_every: int = 10
     """Collect per-layer mHC statistics (Sinkhorn row error, max comb logit) every N steps."""
+    peak_tflops: float = 0.0
+    """Peak dense bf16 TFLOP/s of one device for the MFU metric (0 = look it up for known GPUs;
+    no MFU on CPU)."""
+    spikes: SpikeConfig = field(default_factory=SpikeConfig)
+    """Loss-spike detection, rollback and anticipatory routing."""
 
 
 @dataclass
@@ -149,6 +155,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     for name in ("eval_every", "checkpoint_every", "keep_checkpoints", "overfit_batches", "stats_every"):
         if getattr(t, name) < 0:
             fail(f"train.{name}={getattr(t, name)} must be >= 0")
+    t.spikes.validate()
     cfg.optim.validate()
 
 

@@ -1,12 +1,10 @@
 """The single-process engine: backward, global-norm clipping, Muon + AdamW step, state.
 
-Same surface as the data-parallel engine in train/parallel (backward / step / set_lr /
-state_dict), so the loop does not care which one it drives.
+Same surface as the data-parallel engine in train/parallel (backward / clip_grad_norm / step /
+skip_step / set_lr / state_dict), so the loop does not care which one it drives.
 """
 
 from __future__ import annotations
-
-from typing import Optional
 
 import torch
 from torch import nn
@@ -28,13 +26,18 @@ class LocalEngine:
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
-    def step(self) -> float:
-        """Clip to cfg.grad_clip (0 = no clip), step, zero the gradients; returns the pre-clip norm."""
+    def clip_grad_norm(self) -> float:
+        """Global gradient norm before clipping; clips to cfg.grad_clip (0 = no clip)."""
         max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        return float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+
+    def step(self) -> None:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+
+    def skip_step(self) -> None:
+        """Drop this step's gradients (a spike): no update, optimizer state untouched."""
+        self.optimizer.zero_grad(set_to_none=True)
 
     def state_dict(self) -> dict:
         return self.optimizer.state_dict()

@@ -1,10 +1,10 @@
 """The pretraining loop: forward, loss, backward, step, log — one function, top to bottom (style rule 9).
 
-Components come from named builders (`build_model`, `build_data`, `build_engine`). Every step:
+Components come from named builders (`build_model`, `build_data`, `LocalEngine`). Every step:
 take `accum` micro-batches, weight each micro-batch's loss by its share of the step's target
-tokens (so the step's loss is the token mean over the global batch, whatever the micro-batching),
-back-propagate, clip + step (Muon for matrices, AdamW for the rest), update the MoE balancing
-biases, and append one line to metrics.jsonl.
+tokens (the step's loss is the token mean over the global batch, whatever the micro-batching),
+back-propagate, check for a loss spike, then clip + step (Muon for matrices, AdamW for the rest)
+or skip / roll back, update the MoE balancing biases, and append one line to metrics.jsonl.
 """
 
 from __future__ import annotations
@@ -22,16 +22,22 @@ import torch
 from omegaconf import OmegaConf
 
 from model import ModelArgs, V4Model
-from train.checkpoint import latest_valid_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
+from train.anticipatory import AnticipatoryRouting
+from train.checkpoint import (latest_valid_checkpoint, list_checkpoints, load_checkpoint, prune_checkpoints,
+                              save_checkpoint, tag_known_good, KNOWN_GOOD)
 from train.config import Config, accumulation_steps, validate
 from train.data import Data, build_data
 from train.engine import LocalEngine
 from train.metrics import MetricsLogger
 from train.optim import lr_at
 from train.rundir import default_run_dir, prepare_run_dir, write_run_record
+from train.spikes import SpikeDetector
 from train.summary import print_summary
 
 log = logging.getLogger("train")
+
+# Dense bf16 peak of known GPUs (TFLOP/s), for MFU.
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}
 
 
 @dataclass
@@ -40,6 +46,7 @@ class TrainerState:
     step: int = 0
     tokens: int = 0
     elapsed_s: float = 0.0
+    spikes_since_save: int = 0
 
 
 def pick_device(name: str) -> torch.device:
@@ -66,6 +73,20 @@ def mtp_weight(cfg: Config, step: int) -> float:
     return cfg.model.mtp_loss_weight if step < decay_start else cfg.train.mtp_weight_after_decay
 
 
+def flops_per_token(model: V4Model, seq_len: int) -> float:
+    """6 x active parameters + attention scores over the window and compressed entries (x12 d_head)."""
+    args = model.args
+    attn = 0.0
+    for layer in range(args.n_layers):
+        keys = min(args.window_size, seq_len)
+        ratio = args.compress_ratios[layer]
+        if ratio:
+            entries = seq_len / ratio / 2
+            keys += min(entries, args.index_topk) if args.layer_kind(layer) == "csa" else entries
+        attn += 12 * args.n_heads * args.head_dim * keys
+    return 6 * model.num_parameters(active=True) + attn
+
+
 def setup_logging(run_dir: Path, rank: int) -> None:
     handlers: List[logging.Handler] = [logging.FileHandler(run_dir / ("train.log" if rank == 0 else f"train.rank{rank}.log"))]
     if rank == 0:
@@ -86,6 +107,27 @@ class StopRequest:
         if self.signal is not None:         # a second signal: stop now
             raise KeyboardInterrupt
         self.signal = signum
+
+
+class StepBatches:
+    """The micro-batches of each optimizer step, now or `ahead` steps in the future."""
+
+    def __init__(self, data: Data, accum: int, overfit_batches: int):
+        self.data, self.accum = data, accum
+        self.fixed = [next(data.train) for _ in range(overfit_batches * accum)]
+
+    def take(self, step: int) -> List[dict]:
+        if self.fixed:
+            first = (step % (len(self.fixed) // self.accum)) * self.accum
+            return self.fixed[first:first + self.accum]
+        return [next(self.data.train) for _ in range(self.accum)]
+
+    def peek(self, step: int, ahead: int, micro: int) -> dict:
+        """Micro-batch `micro` of step `step + ahead`, without consuming (call before `take(step)`)."""
+        if self.fixed:
+            first = ((step + ahead) % (len(self.fixed) // self.accum)) * self.accum
+            return self.fixed[first + micro]
+        return self.data.train.peek(ahead * self.accum + micro)
 
 
 @torch.no_grad()
@@ -109,6 +151,20 @@ def evaluate(model: V4Model, data: Data, device: torch.device, max_batches: int)
     return losses
 
 
+def inject_fault(batches: List[dict], vocab: int, kind: str, seed: int) -> List[dict]:
+    """Fault injection 'batch': labels replaced by random tokens (a corrupted batch)."""
+    if kind != "batch":
+        return batches
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for b in batches:
+        b = dict(b)
+        noise = torch.randint(0, vocab, b["labels"].shape, generator=gen)
+        b["labels"] = torch.where(b["labels"] == -100, b["labels"], noise)
+        out.append(b)
+    return out
+
+
 def run(cfg: Config) -> dict:
     """Train according to `cfg`; returns the run summary (also written to summary.json)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -118,6 +174,7 @@ def run(cfg: Config) -> dict:
         raise ValueError("multi-process training goes through the parallel engine; launch it with "
                          "`python -m launch` (this entry runs one process)")
     device = pick_device(cfg.train.device)
+    spikes_cfg = cfg.train.spikes
 
     # ---- run directory and record
     run_dir = Path(cfg.run.dir) if cfg.run.dir else default_run_dir(cfg.run.name)
@@ -126,6 +183,7 @@ def run(cfg: Config) -> dict:
     setup_logging(run_dir, rank)
     write_run_record(run_dir, cfg)
     log.info("run directory %s", run_dir)
+    ckpt_root = run_dir / "checkpoints"
 
     # ---- components
     data = build_data(cfg.data, vocab_size=cfg.model.vocab_size, seq_len=cfg.train.seq_len,
@@ -137,36 +195,53 @@ def run(cfg: Config) -> dict:
     engine = LocalEngine(model, cfg.optim)
     accum = accumulation_steps(cfg, 1)
     state = TrainerState()
+    detector = SpikeDetector(spikes_cfg)
+    routing = AnticipatoryRouting(spikes_cfg.lookahead)
+    batches_of = StepBatches(data, accum, cfg.train.overfit_batches)
+    peak = cfg.train.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if device.type == "cuda"
+                                          and k in torch.cuda.get_device_name(device)), 0.0)
+    flops_token = flops_per_token(model, cfg.train.seq_len)
+
+    def save(step: int) -> Path:
+        path = save_checkpoint(ckpt_root, step, {
+            "model": model.state_dict(),
+            "optimizer": engine.state_dict(),
+            "trainer": {"state": vars(state).copy(), "loader": data.train.state_dict(),
+                        "rng_cpu": torch.get_rng_state(), "spikes": detector.state_dict(),
+                        "routing": routing.state_dict()},
+        }, meta={"config": OmegaConf.to_container(OmegaConf.structured(cfg))})
+        if state.spikes_since_save == 0:
+            tag_known_good(path)
+        state.spikes_since_save = 0
+        prune_checkpoints(ckpt_root, cfg.train.keep_checkpoints)
+        log.info("checkpoint %s", path)
+        return path
+
+    def restore(path: Path) -> None:
+        ckpt = load_checkpoint(path)
+        model.load_state_dict(ckpt["model"])
+        for moe in model.moe_layers():
+            moe.expert_load.zero_()
+        engine.load_state_dict(ckpt["optimizer"])
+        data.train.load_state_dict(ckpt["trainer"]["loader"])
+        nonlocal state
+        state = TrainerState(**ckpt["trainer"]["state"])
+        torch.set_rng_state(ckpt["trainer"]["rng_cpu"])
+        detector.load_state_dict(ckpt["trainer"]["spikes"])
+        routing.load_state_dict(ckpt["trainer"]["routing"])
 
     # ---- resume
     resumed_from = None
     if cfg.run.resume != "never":
-        ckpt_path = latest_valid_checkpoint(run_dir / "checkpoints") if cfg.run.resume == "auto" else Path(cfg.run.resume)
-        if ckpt_path is not None:
-            ckpt = load_checkpoint(ckpt_path)
-            model.load_state_dict(ckpt["model"])
-            engine.load_state_dict(ckpt["optimizer"])
-            data.train.load_state_dict(ckpt["trainer"]["loader"])
-            state = TrainerState(**ckpt["trainer"]["state"])
-            torch.set_rng_state(ckpt["trainer"]["rng_cpu"])
-            resumed_from = str(ckpt_path)
-            log.info("resumed from %s at step %d", ckpt_path, state.step)
+        path = latest_valid_checkpoint(ckpt_root) if cfg.run.resume == "auto" else Path(cfg.run.resume)
+        if path is not None:
+            restore(path)
+            resumed_from = str(path)
+            log.info("resumed from %s at step %d", path, state.step)
 
     metrics = MetricsLogger(run_dir, cfg.logging, cfg.run.name, OmegaConf.to_container(OmegaConf.structured(cfg)),
                             enabled=rank == 0, resume=resumed_from is not None)
     stop = StopRequest()
-    overfit: List[dict] = [next(data.train) for _ in range(cfg.train.overfit_batches * accum)]
-
-    def save(step: int) -> None:
-        path = save_checkpoint(run_dir / "checkpoints", step, {
-            "model": model.state_dict(),
-            "optimizer": engine.state_dict(),
-            "trainer": {"state": vars(state).copy(), "loader": data.train.state_dict(),
-                        "rng_cpu": torch.get_rng_state()},
-        }, meta={"config": OmegaConf.to_container(OmegaConf.structured(cfg))})
-        prune_checkpoints(run_dir / "checkpoints", cfg.train.keep_checkpoints)
-        log.info("checkpoint %s", path)
-
     progress = None
     if cfg.logging.progress and rank == 0:
         from tqdm.auto import tqdm
@@ -175,25 +250,39 @@ def run(cfg: Config) -> dict:
     first_loss: Optional[float] = None
     last_row: dict = {}
     last_eval: Dict[str, float] = {}
+    injected = False
 
     # ---- the loop
-    for step in range(state.step, cfg.train.max_steps):
+    while state.step < cfg.train.max_steps:
+        step = state.step
         t0 = time.perf_counter()
         lr = lr_at(step, cfg.train.max_steps, cfg.optim)
+        inject_now = spikes_cfg.inject_step == step + 1 and not injected
+        if inject_now and spikes_cfg.inject_kind == "lr":
+            lr *= spikes_cfg.inject_scale
         engine.set_lr(lr)
         lam = mtp_weight(cfg, step)
         collect = cfg.train.stats_every > 0 and step % cfg.train.stats_every == 0
 
-        if overfit:
-            batches = overfit[(step % cfg.train.overfit_batches) * accum:][:accum]
-        else:
-            batches = [next(data.train) for _ in range(accum)]
+        # anticipatory routing: route the batch of step + lookahead with today's parameters
+        ar_s = 0.0
+        if routing.active(step):
+            ta = time.perf_counter()
+            routing.precompute(model, step, accum, lambda ahead, micro: batches_of.peek(step, ahead, micro), device)
+            ar_s = time.perf_counter() - ta
+        batches = batches_of.take(step)
+        if inject_now:
+            batches = inject_fault(batches, cfg.model.vocab_size, spikes_cfg.inject_kind, step)
+            injected = True
+
         step_tokens = sum(int((b["labels"] != -100).sum()) for b in batches)
         sums = {"loss": 0.0, "lm": 0.0, "mtp": 0.0, "balance": 0.0, "indexer": 0.0}
         stats = None
-        for b in batches:
+        for micro, b in enumerate(batches):
             b = {k: v.to(device) for k, v in b.items()}
-            out = model(b["input_ids"], labels=b["labels"], doc_ids=b["doc_ids"], collect_stats=collect)
+            override = routing.take(step, micro, device) if routing.active(step) else None
+            out = model(b["input_ids"], labels=b["labels"], doc_ids=b["doc_ids"], routing_override=override,
+                        collect_stats=collect)
             loss = model.total_loss(out.losses, mtp_weight=lam)
             share = out.num_tokens / max(step_tokens, 1)
             engine.backward(loss * share)
@@ -201,9 +290,45 @@ def run(cfg: Config) -> dict:
             for k in ("lm", "mtp", "balance", "indexer"):
                 sums[k] += out.losses[k].item() * share
             stats = out.stats or stats
-        grad_norm = engine.step()
+        grad_norm = engine.clip_grad_norm()
+
+        # spike check before the update is applied
+        spike = detector.check(step + 1, sums["lm"], grad_norm)
+        if spike is not None:
+            state.spikes_since_save += 1
+            metrics.log_event(step + 1, f"{spike.metric}_spike", spike.message, value=spike.value,
+                              severe=spike.severe)
+            log.warning("step %d: %s spike: %s", step + 1, spike.metric, spike.message)
+        action = spikes_cfg.action if spike is not None else None
+        known_good = [p for p in list_checkpoints(ckpt_root) if (p / KNOWN_GOOD).exists()]
+        if action == "rollback" and spike.severe and known_good:
+            engine.skip_step()
+            target = known_good[-1]
+            restore(target)
+            for moe in model.moe_layers():
+                moe.expert_load.zero_()
+            metrics.log_event(step + 1, "rollback", f"rolled back to {target.name} (step {state.step})",
+                              to_step=state.step)
+            if spikes_cfg.anticipatory_steps:
+                routing.activate(state.step, spikes_cfg.anticipatory_steps)
+                metrics.log_event(state.step, "anticipatory_routing_on",
+                                  f"anticipatory routing for {spikes_cfg.anticipatory_steps} steps "
+                                  f"(lookahead {spikes_cfg.lookahead})", until=routing.active_until)
+            log.warning("rolled back to %s; resuming at step %d", target, state.step)
+            if progress is not None:
+                progress.n = state.step
+                progress.refresh()
+            continue
+        if action in ("skip", "rollback"):
+            engine.skip_step()
+            for moe in model.moe_layers():
+                moe.expert_load.zero_()
+        else:
+            engine.step()
         loads = [moe.expert_load.clone() for moe in model.moe_layers()]
         model.update_balance_biases(cfg.train.bias_update_speed)
+        if routing.active_until and step + 1 == routing.active_until:
+            metrics.log_event(step + 1, "anticipatory_routing_off", "anticipatory routing switched off")
 
         dt = time.perf_counter() - t0
         tokens = sum(b["input_ids"].numel() for b in batches)
@@ -211,32 +336,35 @@ def run(cfg: Config) -> dict:
         row = {"step": step + 1, "loss": sums["loss"], "lm_loss": sums["lm"], "mtp_loss": sums["mtp"],
                "balance_loss": sums["balance"], "indexer_loss": sums["indexer"], "lr": lr,
                "grad_norm": grad_norm, "tokens_per_s": tokens / dt, "tokens": state.tokens,
-               "step_time_s": dt, "mtp_weight": lam}
-        row.update(load_metrics(loads, model))
+               "step_time_s": dt, "mtp_weight": lam, "anticipatory_routing": routing.active(step),
+               "anticipatory_routing_s": ar_s, "skipped": action in ("skip", "rollback")}
+        if peak:
+            row["mfu"] = tokens / dt * flops_token / (peak * 1e12)
+        row.update(load_metrics(loads))
         if stats is not None:
             row["sinkhorn_row_error_max"] = max(stats.sinkhorn_row_error)
             row["comb_logit_max"] = max(stats.max_comb_logit)
             row["sinkhorn_row_error"] = stats.sinkhorn_row_error
+            row["comb_logit"] = stats.max_comb_logit
         metrics.log_step(row)
         first_loss = sums["lm"] if first_loss is None else first_loss
         last_row = row
-        if not math.isfinite(sums["loss"]):
+        if not math.isfinite(sums["loss"]) and action is None:
             log.error("loss is %s at step %d; stopping (see metrics.jsonl)", sums["loss"], step + 1)
-            save(step + 1)
             break
         if progress is not None:
             progress.set_postfix(loss=f"{sums['lm']:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens / dt:,.0f}")
             progress.update(1)
 
-        done = step + 1 == cfg.train.max_steps
-        if (cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0) or done:
+        done = state.step == cfg.train.max_steps
+        if (cfg.train.eval_every and state.step % cfg.train.eval_every == 0) or done:
             last_eval = evaluate(model, data, device, cfg.train.eval_batches)
-            metrics.log_eval(step + 1, last_eval)
-            log.info("step %d eval %s", step + 1, {k: round(v, 4) for k, v in last_eval.items()})
-        if (cfg.train.checkpoint_every and (step + 1) % cfg.train.checkpoint_every == 0) or done or stop.signal:
-            save(step + 1)
+            metrics.log_eval(state.step, last_eval)
+            log.info("step %d eval %s", state.step, {k: round(v, 4) for k, v in last_eval.items()})
+        if (cfg.train.checkpoint_every and state.step % cfg.train.checkpoint_every == 0) or done or stop.signal:
+            save(state.step)
         if stop.signal:
-            log.warning("signal %d received: checkpoint saved at step %d, exiting", stop.signal, step + 1)
+            log.warning("signal %d received: checkpoint saved at step %d, exiting", stop.signal, state.step)
             break
 
     if progress is not None:
@@ -254,15 +382,14 @@ def run(cfg: Config) -> dict:
     return summary
 
 
-def load_metrics(loads: List[torch.Tensor], model: V4Model) -> dict:
+def load_metrics(loads: List[torch.Tensor]) -> dict:
     """Per-layer expert load (fractions) and its max/mean imbalance."""
     out: dict = {"expert_load": [], "load_imbalance": []}
     for load in loads:
         total = float(load.sum())
         if total == 0:
             continue
-        frac = (load / total).tolist()
-        out["expert_load"].append([round(f, 5) for f in frac])
+        out["expert_load"].append([round(f, 5) for f in (load / total).tolist()])
         out["load_imbalance"].append(float(load.max() / load.mean()))
     out["load_imbalance_max"] = max(out["load_imbalance"]) if out["load_imbalance"] else 0.0
     return out
