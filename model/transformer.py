@@ -39,14 +39,17 @@ class LayerStats:
 @dataclass
 class ModelOutput:
     """`logits` [B, T, V] fp32; `loss` total (None without labels); `losses` its parts;
-    `routing` expert ids [B, T(-1 for MTP), K] per MoE layer (trunk layers, then MTP)."""
-    logits: torch.Tensor
+    `routing` expert ids [B, T(-1 for MTP), K] per MoE layer (trunk layers, then MTP); `hidden` the
+    final hidden state [B, T, D] (fp32, after hc_head and the final norm: logits = hidden @ head^T)
+    when asked for."""
+    logits: Optional[torch.Tensor]
     loss: Optional[torch.Tensor] = None
     losses: Dict[str, torch.Tensor] = field(default_factory=dict)
     routing: List[torch.Tensor] = field(default_factory=list)
     num_tokens: int = 0
     mtp_logits: Optional[torch.Tensor] = None
     stats: Optional[LayerStats] = None
+    hidden: Optional[torch.Tensor] = None
 
 
 class Block(nn.Module):
@@ -218,10 +221,15 @@ class V4Model(nn.Module):
     def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None,
                 doc_ids: Optional[torch.Tensor] = None,
                 routing_override: Optional[Sequence[Optional[torch.Tensor]]] = None,
-                start_pos: int = 0, collect_stats: bool = False) -> ModelOutput:
+                start_pos: int = 0, collect_stats: bool = False, return_hidden: bool = False,
+                compute_logits: bool = True) -> ModelOutput:
         """`start_pos` offsets every position id (RoPE shift tests); `collect_stats` fills
-        per-layer Sinkhorn row error and max |comb logit| (dashboards)."""
+        per-layer Sinkhorn row error and max |comb logit| (dashboards); `return_hidden` returns
+        the final hidden state; `compute_logits=False` skips the head and MTP (a teacher that
+        ships hidden states only; no labels then)."""
         self._check_inputs(input_ids, labels, doc_ids, routing_override)
+        if not compute_logits and labels is not None:
+            raise ValueError("compute_logits=False cannot compute a loss; pass labels=None")
         args = self.args
         B, T = input_ids.shape
         if doc_ids is None:
@@ -239,11 +247,13 @@ class V4Model(nn.Module):
                 indexer_losses.append(attn_aux.indexer_loss)
             if moe_aux.balance_loss is not None:
                 balance_losses.append(moe_aux.balance_loss)
-        logits = self._project(streams, self.hc_head_fn, self.hc_head_base, self.hc_head_scale, self.norm)
+        hidden = self._final_hidden(streams, self.hc_head_fn, self.hc_head_base, self.hc_head_scale, self.norm)
+        logits = hidden @ self.head.weight.float().t() if compute_logits else None
 
-        out = ModelOutput(logits=logits, routing=routing, stats=stats)
+        out = ModelOutput(logits=logits, routing=routing, stats=stats,
+                          hidden=hidden if return_hidden else None)
         mtp_logits, mtp_labels = None, None
-        if self.mtp and T > 1:
+        if self.mtp and T > 1 and compute_logits:
             mtp_logits, mtp_labels, mtp_routing, mtp_balance = self._mtp_forward(
                 streams, input_ids, labels, doc_ids, positions, override[args.n_layers], stats)
             routing.append(mtp_routing)
@@ -268,12 +278,11 @@ class V4Model(nn.Module):
         return (losses["lm"] + lam * losses["mtp"] + losses["balance"]
                 + self.args.indexer_loss_weight * losses["indexer"])
 
-    def _project(self, streams_BTHD, fn, base, scale, norm: RMSNorm) -> torch.Tensor:
-        """hc_head collapse -> RMSNorm -> head, in fp32."""
+    def _final_hidden(self, streams_BTHD, fn, base, scale, norm: RMSNorm) -> torch.Tensor:
+        """hc_head collapse -> RMSNorm, in fp32 (the head's input)."""
         h = hc_head_collapse(streams_BTHD, fn, base, scale, self.args.hc_eps, self.args.norm_eps,
                              self.args.hc_dynamic)
-        h = norm(h).float()
-        return h @ self.head.weight.float().t()
+        return norm(h).float()
 
     def _mtp_forward(self, streams_BTHD, input_ids, labels, doc_ids, positions, override_BTK, stats):
         """Position i (0..T-2) predicts token i+2 from the final streams at i and Emb(t_{i+1})."""
@@ -283,7 +292,7 @@ class V4Model(nn.Module):
         emb = mtp.e_proj(mtp.enorm(self.embed(next_ids)))
         x = main + emb[:, :, None, :]
         x, _, moe_aux = mtp(x, next_ids, doc_ids[:, :-1], positions[:, :-1], override_BTK, stats)
-        logits = self._project(x, mtp.hc_head_fn, mtp.hc_head_base, mtp.hc_head_scale, mtp.norm)
+        logits = self._final_hidden(x, mtp.hc_head_fn, mtp.hc_head_base, mtp.hc_head_scale, mtp.norm) @ self.head.weight.float().t()
         mtp_labels = None
         if labels is not None:
             # The step i -> i+1 must stay inside one document for i+2 to be a fair target.

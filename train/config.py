@@ -39,6 +39,9 @@ class RunConfig:
     run.dir, or a fresh start if there is none) or a path to a checkpoint directory."""
     overwrite: bool = False
     """Start afresh in a directory that holds a run; the old run is moved aside, never deleted."""
+    init_from: Optional[str] = None
+    """Checkpoint directory (or a run directory: its newest valid checkpoint) whose model weights
+    start this run, e.g. a domain expert fine-tuned from a base model; optimizer and data start fresh."""
 
 
 @dataclass

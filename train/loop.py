@@ -67,6 +67,28 @@ def build_model(args: ModelArgs, device: torch.device, seed: int, stage: str) ->
     return model.train()
 
 
+def init_model_from(model: V4Model, path: Path) -> Path:
+    """Load model weights from a checkpoint directory or a run directory (its newest valid one)."""
+    if (path / "checkpoints").is_dir():
+        found = latest_valid_checkpoint(path / "checkpoints")
+        if found is None:
+            raise ValueError(f"run.init_from={path}: the run has no valid checkpoint")
+        path = found
+    if not path.is_dir():
+        raise ValueError(f"run.init_from={path} does not exist; pass a checkpoint or run directory")
+    state = load_checkpoint(path, parts=["model"])["model"]
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:
+        raise ValueError(f"run.init_from={path} does not fit this model ({str(exc).splitlines()[1].strip()}); "
+                         "use the same model config as the checkpoint") from None
+    if missing or unexpected:
+        raise ValueError(f"run.init_from={path} does not fit this model (missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}); use the same model config as the checkpoint")
+    log.info("model weights initialized from %s", path)
+    return path
+
+
 def mtp_weight(cfg: Config, step: int) -> float:
     """lambda = model.mtp_loss_weight until the LR decay starts, then train.mtp_weight_after_decay."""
     decay_start = max(cfg.optim.warmup_steps, int(cfg.optim.decay_start_fraction * cfg.train.max_steps))
@@ -230,6 +252,9 @@ def run(cfg: Config) -> dict:
         detector.load_state_dict(ckpt["trainer"]["spikes"])
         routing.load_state_dict(ckpt["trainer"]["routing"])
 
+    if cfg.run.init_from:
+        init_model_from(model, Path(cfg.run.init_from))
+
     # ---- resume
     resumed_from = None
     if cfg.run.resume != "never":
@@ -340,12 +365,12 @@ def run(cfg: Config) -> dict:
                "anticipatory_routing_s": ar_s, "skipped": action in ("skip", "rollback")}
         if peak:
             row["mfu"] = tokens / dt * flops_token / (peak * 1e12)
-        row.update(load_metrics(loads))
+        row.update(load_metrics(loads, full=collect))
         if stats is not None:
             row["sinkhorn_row_error_max"] = max(stats.sinkhorn_row_error)
             row["comb_logit_max"] = max(stats.max_comb_logit)
             row["sinkhorn_row_error"] = stats.sinkhorn_row_error
-            row["comb_logit"] = stats.max_comb_logit
+            row["max_comb_logit"] = stats.max_comb_logit
         metrics.log_step(row)
         first_loss = sums["lm"] if first_loss is None else first_loss
         last_row = row
@@ -382,14 +407,18 @@ def run(cfg: Config) -> dict:
     return summary
 
 
-def load_metrics(loads: List[torch.Tensor]) -> dict:
-    """Per-layer expert load (fractions) and its max/mean imbalance."""
-    out: dict = {"expert_load": [], "load_imbalance": []}
+def load_metrics(loads: List[torch.Tensor], full: bool) -> dict:
+    """Per-layer max/mean load imbalance; with `full`, the per-expert load fractions too (kept to
+    stats steps: at Flash size they are ~23k numbers)."""
+    out: dict = {"load_imbalance": []}
+    if full:
+        out["expert_load"] = []
     for load in loads:
         total = float(load.sum())
         if total == 0:
             continue
-        out["expert_load"].append([round(f, 5) for f in (load / total).tolist()])
+        if full:
+            out["expert_load"].append([round(f, 5) for f in (load / total).tolist()])
         out["load_imbalance"].append(float(load.max() / load.mean()))
     out["load_imbalance_max"] = max(out["load_imbalance"]) if out["load_imbalance"] else 0.0
     return out

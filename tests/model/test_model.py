@@ -105,3 +105,28 @@ def test_meta_construction_tiny():
     with torch.device("meta"):
         m = V4Model(tiny())
     assert all(p.is_meta for p in m.parameters())
+
+
+def test_hidden_states_reproduce_logits(model):
+    ids, _ = _batch(T=32)
+    out = model(ids, return_hidden=True)
+    assert torch.allclose(out.hidden @ model.head.weight.t(), out.logits, atol=1e-5)
+    teacher = model(ids, return_hidden=True, compute_logits=False)
+    assert teacher.logits is None and torch.equal(teacher.hidden, out.hidden)
+
+
+def test_generate_left_padding_is_invisible():
+    """A prompt generated alone and inside a ragged batch gives the same greedy continuation."""
+    from model import generate
+    torch.manual_seed(0)
+    m = V4Model(tiny(qat_fp4_indexer=False))
+    g = torch.Generator().manual_seed(3)
+    short = torch.randint(3, 512, (9,), generator=g).tolist()
+    long = torch.randint(3, 512, (30,), generator=g).tolist()
+    alone = generate(m, [short], max_new_tokens=6, temperature=0)
+    batch = generate(m, [long, short], max_new_tokens=6, temperature=0)
+    assert torch.equal(alone.tokens[0, -6:], batch.tokens[1, -6:])
+    assert batch.completion_mask[:, -6:].all() and not batch.completion_mask[:, :30].any()
+    sampled = generate(m, [short, long], max_new_tokens=4, temperature=1.0, top_p=0.9,
+                       generator=torch.Generator().manual_seed(0))
+    assert sampled.tokens.shape == (2, 34)
