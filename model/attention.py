@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .args import ModelArgs
+from .cache import AttentionCache
 from .compressor import Compressor, entry_layout
 from .indexer import Indexer, indexer_kl_loss, select_topk
 from .norm import RMSNorm, rms_normalize
@@ -102,8 +103,10 @@ class Attention(nn.Module):
         # Tensor parallelism shards the heads; its plan sets this to an all-reduce.
         self.reduce_heads = _identity
 
-    def forward(self, x_BTD: torch.Tensor, doc_ids_BT: torch.Tensor,
-                positions_BT: torch.Tensor) -> tuple[torch.Tensor, AttentionAux]:
+    def forward(self, x_BTD: torch.Tensor, doc_ids_BT: torch.Tensor, positions_BT: torch.Tensor,
+                cache: Optional[AttentionCache] = None) -> tuple[torch.Tensor, AttentionAux]:
+        """x_BTD: layer input. With a non-empty `cache`, x holds only new tokens (decode) that
+        attend to the cached history; an empty cache is filled by this (prefill) call."""
         B, T, _ = x_BTD.shape
         D, r = self.head_dim, self.rope_dim
         cos, sin = rope_angles(positions_BT, self.rope_freqs)
@@ -115,32 +118,38 @@ class Attention(nn.Module):
         kv = apply_rope(self.kv_norm(self.wkv(x_BTD)), cos, sin)
         if self.qat_fp8_kv:
             kv = torch.cat((fake_quant_fp8(kv[..., :D - r], self.fp8_block), kv[..., D - r:]), -1)
-
         q32, kv32 = q.float(), kv.float()
+
+        decoding = cache is not None and cache.length > 0
+        comp_proj = self.compressor.project(x_BTD) if self.compressor is not None else None
+        index_proj = self.indexer.compressor.project(x_BTD.detach()) if self.indexer is not None else None
+        if cache is not None:
+            cache.append(kv32, doc_ids_BT, positions_BT, comp_proj, index_proj)
+            if decoding:
+                comp_proj, index_proj = cache.comp, cache.index_comp
+        all_docs = cache.doc_ids if decoding else doc_ids_BT
+        all_positions = cache.positions if decoding else positions_BT
+
         scale = D ** -0.5
-        logits, values = [], []
+        logits = []
         if self.window > 0:
-            keys, win_mask = window_blocks(kv32, doc_ids_BT, self.window)
-            n_blocks = keys.shape[1]
-            q_blocks = nn.functional.pad(q32, (0, 0, 0, 0, 0, n_blocks * self.window - T))
-            q_blocks = q_blocks.view(B, n_blocks, self.window, -1, D)
-            win = torch.einsum("bnwhd,bnkd->bhnwk", q_blocks, keys) * scale
-            win = win.masked_fill(~win_mask[:, None], float("-inf"))
-            logits.append(win.flatten(2, 3)[:, :, :T])
-            values.append(keys)
+            if decoding:
+                win_logits, win_values = self._window_over_history(q32, cache, doc_ids_BT, positions_BT)
+            else:
+                win_logits, win_values = self._window_blocked(q32, kv32, doc_ids_BT)
+            logits.append(win_logits * scale)
 
         aux = AttentionAux()
-        comp_mask = None
         if self.compressor is not None:
-            layout = entry_layout(doc_ids_BT, positions_BT, self.ratio)
+            layout = entry_layout(all_docs, all_positions, self.ratio)
             entry_cos, entry_sin = rope_angles(layout.first_pos_BE, self.rope_freqs)
-            entries = self.compressor(x_BTD, layout, entry_cos, entry_sin)     # [B, E, D]
+            entries = self.compressor.pool(*comp_proj, layout, entry_cos, entry_sin)     # [B, E, D]
             visible = layout.visible_BTE(doc_ids_BT, positions_BT)
             comp_mask = visible
             index_scores = None
             if self.indexer is not None:
                 index_scores = self.indexer(x_BTD, q_latent, layout, visible, cos, sin,
-                                            entry_cos, entry_sin)
+                                            entry_cos, entry_sin, key_projections=index_proj)
                 if self.indexer_mode == "sparse":
                     comp_mask = select_topk(index_scores, self.index_topk) & visible
             comp = torch.einsum("bthd,bed->bhte", q32, entries) * scale
@@ -152,12 +161,16 @@ class Attention(nn.Module):
         out = torch.zeros_like(q32)
         start = 0
         if self.window > 0:
-            n_blocks = values[0].shape[1]
-            p_win = probs[..., : 2 * self.window]
-            p_win = nn.functional.pad(p_win, (0, 0, 0, n_blocks * self.window - T))
-            p_win = p_win.view(B, H, n_blocks, self.window, 2 * self.window)
-            out = out + torch.einsum("bhnwk,bnkd->bnwhd", p_win, values[0]).flatten(1, 2)[:, :T]
-            start = 2 * self.window
+            width = logits[0].shape[-1]
+            p_win = probs[..., :width]
+            if decoding:
+                out = out + torch.einsum("bhtk,bkd->bthd", p_win, win_values)
+            else:
+                n_blocks = win_values.shape[1]
+                p_win = nn.functional.pad(p_win, (0, 0, 0, n_blocks * self.window - T))
+                p_win = p_win.view(B, H, n_blocks, self.window, width)
+                out = out + torch.einsum("bhnwk,bnkd->bnwhd", p_win, win_values).flatten(1, 2)[:, :T]
+            start = width
         if self.compressor is not None:
             p_comp = probs[..., start:-1]
             out = out + torch.einsum("bhte,bed->bthd", p_comp, entries)
@@ -167,6 +180,29 @@ class Attention(nn.Module):
 
         out = apply_rope(out, cos[:, :, None], sin[:, :, None], inverse=True).to(x_BTD.dtype)
         return self._grouped_output(out), aux
+
+    def _window_blocked(self, q32, kv32, doc_ids_BT):
+        """Window scores [B, H, T, 2W] (unscaled) by query blocks of W; values [B, N, 2W, D]."""
+        B, T = q32.shape[:2]
+        keys, win_mask = window_blocks(kv32, doc_ids_BT, self.window)
+        n_blocks = keys.shape[1]
+        q_blocks = nn.functional.pad(q32, (0, 0, 0, 0, 0, n_blocks * self.window - T))
+        q_blocks = q_blocks.view(B, n_blocks, self.window, -1, q32.shape[-1])
+        win = torch.einsum("bnwhd,bnkd->bhnwk", q_blocks, keys)
+        win = win.masked_fill(~win_mask[:, None], float("-inf"))
+        return win.flatten(2, 3)[:, :, :T], keys
+
+    def _window_over_history(self, q32, cache: AttentionCache, doc_ids_BT, positions_BT):
+        """Decode: window scores [B, H, T, K] over the last K cached keys; values [B, K, D]."""
+        T = q32.shape[1]
+        span = min(cache.length, self.window + T - 1)
+        keys = cache.kv[:, -span:]
+        key_docs, key_pos = cache.doc_ids[:, -span:], cache.positions[:, -span:]
+        q_pos = positions_BT[:, :, None]
+        mask = ((key_docs[:, None, :] == doc_ids_BT[:, :, None]) & (key_pos[:, None, :] <= q_pos)
+                & (key_pos[:, None, :] > q_pos - self.window))
+        win = torch.einsum("bthd,bkd->bhtk", q32, keys)
+        return win.masked_fill(~mask[:, None], float("-inf")), keys
 
     def _grouped_output(self, o_BTHD: torch.Tensor) -> torch.Tensor:
         """Group g of heads goes through its own wo_a block, then wo_b mixes all (spec §3.2)."""

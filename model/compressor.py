@@ -107,12 +107,19 @@ class Compressor(nn.Module):
         self.ape = nn.Parameter(torch.zeros(ratio, coff * entry_dim))
         self.norm = RMSNorm(entry_dim, norm_eps)
 
+    def project(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token values and gate scores [B, T, C] in fp32 (what a decode cache keeps)."""
+        x = x_BTD.float()
+        return x @ self.wkv.weight.float().t(), x @ self.wgate.weight.float().t()
+
     def forward(self, x_BTD: torch.Tensor, layout: EntryLayout, cos_BE: torch.Tensor,
                 sin_BE: torch.Tensor) -> torch.Tensor:
         """x_BTD: layer input; returns entries [B, E, Dc] (fp32)."""
-        x = x_BTD.float()
-        kv_BTC = x @ self.wkv.weight.float().t()
-        gate_BTC = x @ self.wgate.weight.float().t()
+        return self.pool(*self.project(x_BTD), layout, cos_BE, sin_BE)
+
+    def pool(self, kv_BTC: torch.Tensor, gate_BTC: torch.Tensor, layout: EntryLayout,
+             cos_BE: torch.Tensor, sin_BE: torch.Tensor) -> torch.Tensor:
+        """Entries [B, E, Dc] from per-token projections."""
         kv = _gather_slots(kv_BTC, layout.token_idx_BER)
         score = _gather_slots(gate_BTC, layout.token_idx_BER) + self.ape.float()
         valid = layout.token_idx_BER >= 0

@@ -3,8 +3,9 @@
 Prompts of different lengths are left-padded; the padding forms its own document (doc id 0,
 the prompt and its continuation doc id 1), so the model's per-document masking hides it from
 attention and KV compression, and RoPE's shift invariance makes the left offset irrelevant.
-Each step re-runs the forward over the sequence so far (exact, no cache state to get wrong);
-sampling is temperature + nucleus (top-p), greedy at temperature 0.
+A prefill pass fills a decode cache (window KV and compressor projections per layer, see
+cache.py); each new token then costs one single-token forward against it. Sampling is
+temperature + nucleus (top-p), greedy at temperature 0.
 
 Legend: B prompts, L padded length so far, V vocabulary.
 """
@@ -16,6 +17,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
+from .cache import ModelCache
 from .transformer import V4Model
 
 
@@ -65,9 +67,12 @@ def generate(model: V4Model, prompts: Sequence[Sequence[int]], max_new_tokens: i
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     was_training = model.training
     model.eval()
-    for _ in range(max_new_tokens):
-        out = model(tokens, doc_ids=doc_ids)
-        nxt = sample_next(out.logits[:, -1], temperature, top_p, generator)
+    cache = ModelCache.empty(model.args.n_layers)
+    logits = model(tokens, doc_ids=doc_ids, cache=cache).logits[:, -1]
+    for step in range(max_new_tokens):
+        if step:
+            logits = model(tokens[:, -1:], doc_ids=doc_ids[:, -1:], cache=cache).logits[:, -1]
+        nxt = sample_next(logits, temperature, top_p, generator)
         nxt = torch.where(finished, torch.full_like(nxt, pad_id), nxt)
         tokens = torch.cat((tokens, nxt[:, None]), 1)
         doc_ids = torch.cat((doc_ids, torch.ones_like(nxt)[:, None]), 1)

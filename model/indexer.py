@@ -7,6 +7,8 @@ it; it learns only from its KL loss against the main attention's distribution (V
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
@@ -37,10 +39,16 @@ class Indexer(nn.Module):
 
     def forward(self, x_BTD: torch.Tensor, q_latent_BTC: torch.Tensor, layout: EntryLayout,
                 visible_BTE: torch.Tensor, q_cos: torch.Tensor, q_sin: torch.Tensor,
-                entry_cos: torch.Tensor, entry_sin: torch.Tensor) -> torch.Tensor:
-        """Index scores [B, T, E] (fp32), -inf where an entry is not visible."""
+                entry_cos: torch.Tensor, entry_sin: torch.Tensor,
+                key_projections: Optional[tuple] = None) -> torch.Tensor:
+        """Index scores [B, T, E] (fp32), -inf where an entry is not visible.
+
+        key_projections: the compressor's per-token projections of every token so far (decode),
+        when x_BTD holds only the new queries."""
         x, q_latent = x_BTD.detach().float(), q_latent_BTC.detach().float()
-        keys_BED = self.compressor(x, layout, entry_cos, entry_sin)
+        if key_projections is None:
+            key_projections = self.compressor.project(x)
+        keys_BED = self.compressor.pool(*key_projections, layout, entry_cos, entry_sin)
         q = (q_latent @ self.wq_b.weight.float().t()).unflatten(-1, (-1, self.head_dim))
         q = hadamard(apply_rope(q, q_cos[:, :, None], q_sin[:, :, None]))
         if self.fp4:
@@ -53,12 +61,16 @@ class Indexer(nn.Module):
 
 
 def select_topk(scores_BTE: torch.Tensor, k: int) -> torch.Tensor:
-    """Boolean mask [B, T, E] of the top-min(k, E) visible entries per query."""
+    """Boolean mask [B, T, E] of the top-min(k, E) visible entries per query.
+
+    Ties (ReLU makes exact zeros common) go to the earliest entries: a stable sort makes the
+    choice independent of how many invisible entries trail the row (prefill vs decode)."""
     E = scores_BTE.shape[-1]
     k = min(k, E)
     if k == 0:
         return torch.zeros_like(scores_BTE, dtype=torch.bool)
-    top_val, top_idx = scores_BTE.topk(k, dim=-1)
+    top_val, top_idx = scores_BTE.sort(dim=-1, descending=True, stable=True)
+    top_val, top_idx = top_val[..., :k], top_idx[..., :k]
     chosen = torch.zeros_like(scores_BTE, dtype=torch.bool)
     chosen.scatter_(-1, top_idx, torch.isfinite(top_val))
     return chosen

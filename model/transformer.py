@@ -15,6 +15,7 @@ from torch import nn
 
 from .args import ModelArgs
 from .attention import Attention
+from .cache import AttentionCache, ModelCache
 from .mhc import HyperConnection, hc_head_collapse, init_hc_params, sinkhorn_row_error
 from .moe import MoE, balanced_tid2eid
 from .norm import RMSNorm
@@ -72,10 +73,11 @@ class Block(nn.Module):
         self.hc = HyperConnection(H, args.hc_sinkhorn_iters, args.hc_eps, args.norm_eps, args.hc_dynamic)
 
     def forward(self, streams_BTHD: torch.Tensor, token_ids_BT: torch.Tensor, doc_ids_BT: torch.Tensor,
-                positions_BT: torch.Tensor, override_BTK: Optional[torch.Tensor], stats: Optional[LayerStats]):
+                positions_BT: torch.Tensor, override_BTK: Optional[torch.Tensor], stats: Optional[LayerStats],
+                cache: Optional[AttentionCache] = None):
         mix = self.hc.mix(streams_BTHD, self.hc_attn_fn, self.hc_attn_base, self.hc_attn_scale)
         attn_out, attn_aux = self.attn(self.attn_norm(self.hc.collapse(streams_BTHD, mix.pre_BTH)),
-                                       doc_ids_BT, positions_BT)
+                                       doc_ids_BT, positions_BT, cache)
         streams_BTHD = self.hc.expand(attn_out, streams_BTHD, mix)
         if stats is not None:
             _record(stats, mix)
@@ -222,16 +224,22 @@ class V4Model(nn.Module):
                 doc_ids: Optional[torch.Tensor] = None,
                 routing_override: Optional[Sequence[Optional[torch.Tensor]]] = None,
                 start_pos: int = 0, collect_stats: bool = False, return_hidden: bool = False,
-                compute_logits: bool = True) -> ModelOutput:
+                compute_logits: bool = True, cache: Optional[ModelCache] = None) -> ModelOutput:
         """`start_pos` offsets every position id (RoPE shift tests); `collect_stats` fills
         per-layer Sinkhorn row error and max |comb logit| (dashboards); `return_hidden` returns
         the final hidden state; `compute_logits=False` skips the head and MTP (a teacher that
-        ships hidden states only; no labels then)."""
+        ships hidden states only; no labels then). `cache` (ModelCache.empty(n_layers)): an
+        empty cache is filled (prefill); a filled one makes input_ids the next tokens (decode),
+        positioned after the cached ones, continuing their last document. MTP is skipped."""
         self._check_inputs(input_ids, labels, doc_ids, routing_override)
         if not compute_logits and labels is not None:
             raise ValueError("compute_logits=False cannot compute a loss; pass labels=None")
         args = self.args
         B, T = input_ids.shape
+        if cache is not None and cache.length:
+            start_pos = int(cache.layers[0].positions[0, -1]) + 1
+            if doc_ids is None:
+                doc_ids = cache.layers[0].doc_ids[:, -1:].expand(B, T)
         if doc_ids is None:
             doc_ids = torch.zeros_like(input_ids)
         positions = torch.arange(T, device=input_ids.device).expand(B, T) + start_pos
@@ -241,7 +249,8 @@ class V4Model(nn.Module):
         streams = self.embed(input_ids)[:, :, None, :].expand(B, T, args.hc_mult, args.dim)
         routing, indexer_losses, balance_losses = [], [], []
         for i, block in enumerate(self.layers):
-            streams, attn_aux, moe_aux = block(streams, input_ids, doc_ids, positions, override[i], stats)
+            streams, attn_aux, moe_aux = block(streams, input_ids, doc_ids, positions, override[i], stats,
+                                               None if cache is None else cache.layers[i])
             routing.append(moe_aux.indices_BTK)
             if attn_aux.indexer_loss is not None:
                 indexer_losses.append(attn_aux.indexer_loss)
@@ -253,7 +262,7 @@ class V4Model(nn.Module):
         out = ModelOutput(logits=logits, routing=routing, stats=stats,
                           hidden=hidden if return_hidden else None)
         mtp_logits, mtp_labels = None, None
-        if self.mtp and T > 1 and compute_logits:
+        if self.mtp and T > 1 and compute_logits and cache is None:
             mtp_logits, mtp_labels, mtp_routing, mtp_balance = self._mtp_forward(
                 streams, input_ids, labels, doc_ids, positions, override[args.n_layers], stats)
             routing.append(mtp_routing)
