@@ -1,0 +1,497 @@
+"""TileLang kernels of the fused distillation loss (spec opd-and-fused-loss §6, §7).
+
+Gradient-in-forward with 4 head-sized GEMMs (spec §6 table), processed per chunk of R token rows:
+
+1. `logits_partials_kernel` (TileLang, one CTA per 128×128 tile of the chunk's [R, V] logits):
+   both logit tiles `H_s·W_sᵀ` and `H_t·W_tᵀ` are accumulated in registers over the hidden
+   dimension (TMA + WGMMA pipeline, warp-specialised by TileLang), tempered, and reduced to the
+   per-tile partials of `ref.PARTIAL_CHANNELS` from the fp32 accumulators. The epilogue also writes
+   the tile's logits *relative to their tile max* as fp16 ([R, V] workspace): near the max fp16
+   keeps 11 bits where raw bf16 logits keep 8, so the gradient sees logits 8× more precise than a
+   bf16 logits tensor would give.
+2. `combine_partials_kernel` (TileLang) merges the partials with the flash-decoding combine (the
+   twin of `ref.merge_vocab_partials`) into per-row log-sum-exps, KL and entropy. For JSD,
+   `jsd_partials_kernel` adds the pass that needs both normalised distributions.
+3. `logit_grad_kernel` (TileLang, elementwise) turns the workspace into d loss / d logits in bf16,
+   in place.
+4. cuBLAS (torch.mm) does `dH = G·W_s` and `dW_s += Gᵀ·H_s`: plain GEMMs that cuBLAS runs near the
+   matrix-unit ceiling; dW_s accumulates across chunks in the head's dtype (one rounding per chunk,
+   as Liger's default does).
+
+The workspace is two fp16 [R, V] buffers; R is chosen from a byte budget so that peak memory does
+not grow with V (spec §11 case 3) apart from the [V, Ds] head gradient itself.
+
+Shape legend: R rows of a chunk, V vocabulary (Vp: V rounded up to 8 for 16-byte TMA strides),
+Ds / Dt hidden widths, P vocabulary tiles of the kernels.
+"""
+
+import math
+from dataclasses import dataclass
+
+import tilelang
+import tilelang.language as T
+import torch
+
+from .ref import N_PARTIALS, DistillKLResult, resolve_kind, teacher_row_groups
+
+LOG2E = 1.4426950408889634  # exp(x) = exp2(x·log2 e)
+LN2 = 0.6931471805599453
+# Logits minus the tile max are stored as fp16; clamping keeps them finite (exp underflows to 0
+# long before -6e4 anyway), so no 0·inf appears downstream.
+FP16_FLOOR = -60000.0
+PASS_CONFIGS = {tilelang.PassConfigKey.TL_ENABLE_FAST_MATH: True}
+
+
+@dataclass(frozen=True)
+class DistillKLKernelConfig:
+    """Tiling and memory budget of the TileLang path."""
+
+    block_m: int = 128
+    """token rows per CTA of the logits kernel (two warpgroups of 64 rows)"""
+    block_v: int = 128
+    """vocabulary rows per CTA; the partials and the fp16 workspace are per block_v tile"""
+    block_k: int = 64
+    """hidden-dimension step of the TMA/WGMMA pipeline"""
+    num_stages: int = 2
+    """pipeline depth; each stage holds 4 tiles of block×block_k bf16 (64 KiB at the defaults); on
+    the H200 2 stages ran at 644 TFLOP/s and 3 at 598 (bench/NOTES.md)"""
+    threads: int = 256
+    """consumer threads; TileLang adds one producer warpgroup on sm_90"""
+    elementwise_block_m: int = 64
+    """token rows per CTA of the gradient and JSD kernels"""
+    workspace_bytes: int = 1 << 30
+    """budget for the two fp16 [R, V] buffers; sets the chunk size R (a multiple of block_m)"""
+
+
+@tilelang.jit(pass_configs=PASS_CONFIGS)
+def logits_partials_kernel(block_m: int, block_v: int, block_k: int, num_stages: int, threads: int):
+    """Builds the fused two-head logits + partials kernel; every tensor dimension is dynamic."""
+    rows, vocab, vocab_pad, d_s, d_t = T.dynamic("rows, vocab, vocab_pad, d_s, d_t")
+    n_tiles = T.ceildiv(vocab, block_v)
+    bf16, f16, f32 = T.bfloat16, T.float16, T.float32
+
+    @T.prim_func
+    def logits_partials(
+        student_hidden: T.Tensor((rows, d_s), bf16),
+        student_head: T.Tensor((vocab, d_s), bf16),
+        teacher_hidden: T.Tensor((rows, d_t), bf16),
+        teacher_head: T.Tensor((vocab, d_t), bf16),
+        inv_tau: f32,
+        student_rel: T.Tensor((rows, vocab_pad), f16),
+        teacher_rel: T.Tensor((rows, vocab_pad), f16),
+        partials: T.Tensor((n_tiles, N_PARTIALS, rows), f32),
+    ):
+        # Row blocks vary fastest, so the CTAs in flight share a few head tiles through L2 and
+        # each head row is read from HBM once per chunk.
+        with T.Kernel(T.ceildiv(rows, block_m), n_tiles, threads=threads) as (bm, bv):
+            hs_tile = T.alloc_shared((block_m, block_k), bf16)
+            ws_tile = T.alloc_shared((block_v, block_k), bf16)
+            ht_tile = T.alloc_shared((block_m, block_k), bf16)
+            wt_tile = T.alloc_shared((block_v, block_k), bf16)
+            rel_out = T.alloc_shared((block_m, block_v), f16)
+            zs = T.alloc_fragment((block_m, block_v), f32)
+            zt = T.alloc_fragment((block_m, block_v), f32)
+            work = T.alloc_fragment((block_m, block_v), f32)
+            max_s = T.alloc_fragment((block_m,), f32)
+            max_t = T.alloc_fragment((block_m,), f32)
+            sum_s = T.alloc_fragment((block_m,), f32)
+            sum_t = T.alloc_fragment((block_m,), f32)
+            centered_s = T.alloc_fragment((block_m,), f32)
+            reverse_cross = T.alloc_fragment((block_m,), f32)
+            forward_cross = T.alloc_fragment((block_m,), f32)
+
+            T.clear(zs)
+            T.clear(zt)
+            # One K loop feeds both heads so TileLang warp-specialises it (a second loop would
+            # not be); with d_s != d_t the shorter operand is zero-filled by TMA past its width.
+            for k in T.Pipelined(T.ceildiv(T.max(d_s, d_t), block_k), num_stages=num_stages):
+                T.copy(student_hidden[bm * block_m, k * block_k], hs_tile)
+                T.copy(student_head[bv * block_v, k * block_k], ws_tile)
+                T.copy(teacher_hidden[bm * block_m, k * block_k], ht_tile)
+                T.copy(teacher_head[bv * block_v, k * block_k], wt_tile)
+                T.gemm(hs_tile, ws_tile, zs, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
+                T.gemm(ht_tile, wt_tile, zt, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
+
+            # Temper; vocabulary columns past V (ragged last tile) drop out of every max and sum.
+            for i, j in T.Parallel(block_m, block_v):
+                zs[i, j] = T.if_then_else(bv * block_v + j < vocab, zs[i, j] * inv_tau, -T.infinity(f32))
+                zt[i, j] = T.if_then_else(bv * block_v + j < vocab, zt[i, j] * inv_tau, -T.infinity(f32))
+            T.reduce_max(zs, max_s, dim=1)
+            T.reduce_max(zt, max_t, dim=1)
+
+            # Teacher: S_t, the fp16 relative logits, then B = Σ e_t (z_t − z_s).
+            for i, j in T.Parallel(block_m, block_v):
+                work[i, j] = T.exp2((zt[i, j] - max_t[i]) * LOG2E)
+            T.reduce_sum(work, sum_t, dim=1)
+            for i, j in T.Parallel(block_m, block_v):
+                rel_out[i, j] = T.max(zt[i, j] - max_t[i], FP16_FLOOR)
+            T.copy(rel_out, teacher_rel[bm * block_m, bv * block_v])
+            for i, j in T.Parallel(block_m, block_v):  # zt now holds z_s − z_t (0 past V)
+                zt[i, j] = T.if_then_else(bv * block_v + j < vocab, zs[i, j] - zt[i, j], 0.0)
+            for i, j in T.Parallel(block_m, block_v):
+                work[i, j] = -work[i, j] * zt[i, j]
+            T.reduce_sum(work, forward_cross, dim=1)
+
+            # Student: S_s, A = Σ e_s (z_s − z_t), E = Σ e_s (z_s − m_s), relative logits.
+            for i, j in T.Parallel(block_m, block_v):
+                work[i, j] = T.exp2((zs[i, j] - max_s[i]) * LOG2E)
+            T.reduce_sum(work, sum_s, dim=1)
+            for i, j in T.Parallel(block_m, block_v):
+                zt[i, j] = work[i, j] * zt[i, j]
+            T.reduce_sum(zt, reverse_cross, dim=1)
+            for i, j in T.Parallel(block_m, block_v):
+                rel_out[i, j] = T.max(zs[i, j] - max_s[i], FP16_FLOOR)
+            T.copy(rel_out, student_rel[bm * block_m, bv * block_v])
+            for i, j in T.Parallel(block_m, block_v):
+                zs[i, j] = T.if_then_else(bv * block_v + j < vocab, work[i, j] * (zs[i, j] - max_s[i]), 0.0)
+            T.reduce_sum(zs, centered_s, dim=1)
+
+            T.copy(max_s, partials[bv, 0, bm * block_m])
+            T.copy(sum_s, partials[bv, 1, bm * block_m])
+            T.copy(centered_s, partials[bv, 2, bm * block_m])
+            T.copy(reverse_cross, partials[bv, 3, bm * block_m])
+            T.copy(max_t, partials[bv, 4, bm * block_m])
+            T.copy(sum_t, partials[bv, 5, bm * block_m])
+            T.copy(forward_cross, partials[bv, 6, bm * block_m])
+
+    return logits_partials
+
+
+def _log_mixture(student_logp, teacher_logp, log_1m_beta: float, log_beta: float):
+    """log((1−β)p + βq) from log p and log q, stably (a logaddexp)."""
+    a = student_logp + log_1m_beta
+    b = teacher_logp + log_beta
+    hi = T.max(a, b)
+    return hi + T.log2(1.0 + T.exp2((T.min(a, b) - hi) * LOG2E)) * LN2
+
+
+# Rows of the [N_ROW_STATS, R] output of `combine_partials_kernel`.
+ROW_STATS = ("student_lse", "teacher_lse", "reverse_kl", "forward_kl", "student_entropy")
+N_ROW_STATS = len(ROW_STATS)
+
+
+@tilelang.jit(pass_configs=PASS_CONFIGS)
+def combine_partials_kernel(vocab: int, block_v: int, block_r: int = 32, group: int = 32, threads: int = 256):
+    """Builds the flash-decoding combine of the per-tile partials into per-row statistics.
+
+    The TileLang twin of `ref.merge_vocab_partials` (same formulas, fixed summation order, so it is
+    deterministic): a first pass over the tiles takes the row maxima, a second rescales and sums.
+    Each CTA owns `block_r` rows and walks the tiles `group` at a time; partial maxima and sums stay
+    elementwise in registers until one cross-thread reduction at the end of each pass.
+    """
+    rows = T.dynamic("rows")
+    n_tiles = -(-vocab // block_v)
+    n_groups = -(-n_tiles // group)
+    f32 = T.float32
+
+    @T.prim_func
+    def combine_partials(
+        partials: T.Tensor((n_tiles, N_PARTIALS, rows), f32),
+        row_stats: T.Tensor((N_ROW_STATS, rows), f32),
+    ):
+        with T.Kernel(T.ceildiv(rows, block_r), threads=threads) as br:
+            r0 = br * block_r
+            ms = T.alloc_fragment((group, block_r), f32)
+            mt = T.alloc_fragment((group, block_r), f32)
+            ss = T.alloc_fragment((group, block_r), f32)
+            es = T.alloc_fragment((group, block_r), f32)
+            a = T.alloc_fragment((group, block_r), f32)
+            st = T.alloc_fragment((group, block_r), f32)
+            b = T.alloc_fragment((group, block_r), f32)
+            acc_ss = T.alloc_fragment((group, block_r), f32)
+            acc_es = T.alloc_fragment((group, block_r), f32)
+            acc_a = T.alloc_fragment((group, block_r), f32)
+            acc_st = T.alloc_fragment((group, block_r), f32)
+            acc_b = T.alloc_fragment((group, block_r), f32)
+            row_ms = T.alloc_fragment((block_r,), f32)
+            row_mt = T.alloc_fragment((block_r,), f32)
+            sum_ss = T.alloc_fragment((block_r,), f32)
+            sum_es = T.alloc_fragment((block_r,), f32)
+            sum_a = T.alloc_fragment((block_r,), f32)
+            sum_st = T.alloc_fragment((block_r,), f32)
+            sum_b = T.alloc_fragment((block_r,), f32)
+            out = T.alloc_fragment((block_r,), f32)
+
+            # Pass 1: elementwise running maxima over the groups, one cross-thread reduce at the end.
+            T.fill(acc_ss, -T.infinity(f32))
+            T.fill(acc_st, -T.infinity(f32))
+            for grp in T.serial(n_groups):
+                T.copy(partials[grp * group : (grp + 1) * group, 0, r0 : r0 + block_r], ms)
+                T.copy(partials[grp * group : (grp + 1) * group, 4, r0 : r0 + block_r], mt)
+                for k, i in T.Parallel(group, block_r):  # tiles past the last one are padding
+                    acc_ss[k, i] = T.if_then_else(grp * group + k < n_tiles, T.max(acc_ss[k, i], ms[k, i]), acc_ss[k, i])
+                    acc_st[k, i] = T.if_then_else(grp * group + k < n_tiles, T.max(acc_st[k, i], mt[k, i]), acc_st[k, i])
+            T.reduce_max(acc_ss, row_ms, dim=0)
+            T.reduce_max(acc_st, row_mt, dim=0)
+
+            T.clear(acc_ss)
+            T.clear(acc_es)
+            T.clear(acc_a)
+            T.clear(acc_st)
+            T.clear(acc_b)
+            for grp in T.serial(n_groups):
+                T.copy(partials[grp * group : (grp + 1) * group, 0, r0 : r0 + block_r], ms)
+                T.copy(partials[grp * group : (grp + 1) * group, 1, r0 : r0 + block_r], ss)
+                T.copy(partials[grp * group : (grp + 1) * group, 2, r0 : r0 + block_r], es)
+                T.copy(partials[grp * group : (grp + 1) * group, 3, r0 : r0 + block_r], a)
+                T.copy(partials[grp * group : (grp + 1) * group, 4, r0 : r0 + block_r], mt)
+                T.copy(partials[grp * group : (grp + 1) * group, 5, r0 : r0 + block_r], st)
+                T.copy(partials[grp * group : (grp + 1) * group, 6, r0 : r0 + block_r], b)
+                for k, i in T.Parallel(group, block_r):
+                    valid = grp * group + k < n_tiles
+                    ws = T.if_then_else(valid, T.exp2((ms[k, i] - row_ms[i]) * LOG2E), 0.0)
+                    wt = T.if_then_else(valid, T.exp2((mt[k, i] - row_mt[i]) * LOG2E), 0.0)
+                    acc_ss[k, i] += ws * ss[k, i]
+                    acc_es[k, i] += ws * (es[k, i] + (ms[k, i] - row_ms[i]) * ss[k, i])
+                    acc_a[k, i] += ws * a[k, i]
+                    acc_st[k, i] += wt * st[k, i]
+                    acc_b[k, i] += wt * b[k, i]
+            T.reduce_sum(acc_ss, sum_ss, dim=0)
+            T.reduce_sum(acc_es, sum_es, dim=0)
+            T.reduce_sum(acc_a, sum_a, dim=0)
+            T.reduce_sum(acc_st, sum_st, dim=0)
+            T.reduce_sum(acc_b, sum_b, dim=0)
+
+            # lse = m + log S; KL(p‖q) = A/S_s − lse_s + lse_t; KL(q‖p) = B/S_t − lse_t + lse_s;
+            # H(p) = log S_s − E/S_s (ref.merge_vocab_partials).
+            for i in T.Parallel(block_r):
+                out[i] = row_ms[i] + T.log2(sum_ss[i]) * LN2
+            T.copy(out, row_stats[0, r0])
+            for i in T.Parallel(block_r):
+                out[i] = row_mt[i] + T.log2(sum_st[i]) * LN2
+            T.copy(out, row_stats[1, r0])
+            for i in T.Parallel(block_r):
+                out[i] = sum_a[i] / sum_ss[i] - (row_ms[i] + T.log2(sum_ss[i]) * LN2) + (row_mt[i] + T.log2(sum_st[i]) * LN2)
+            T.copy(out, row_stats[2, r0])
+            for i in T.Parallel(block_r):
+                out[i] = sum_b[i] / sum_st[i] - (row_mt[i] + T.log2(sum_st[i]) * LN2) + (row_ms[i] + T.log2(sum_ss[i]) * LN2)
+            T.copy(out, row_stats[3, r0])
+            for i in T.Parallel(block_r):
+                out[i] = T.log2(sum_ss[i]) * LN2 - sum_es[i] / sum_ss[i]
+            T.copy(out, row_stats[4, r0])
+
+    return combine_partials
+
+
+def _log_mixture(student_logp, teacher_logp, log_1m_beta: float, log_beta: float):
+    """log((1−β)p + βq) from log p and log q, stably (a logaddexp)."""
+    a = student_logp + log_1m_beta
+    b = teacher_logp + log_beta
+    hi = T.max(a, b)
+    return hi + T.log2(1.0 + T.exp2((T.min(a, b) - hi) * LOG2E)) * LN2
+
+
+@tilelang.jit(pass_configs=PASS_CONFIGS)
+def logit_grad_kernel(kind: str, beta: float, vocab: int, vocab_pad: int, block_m: int, block_v: int, threads: int):
+    """Builds the elementwise d loss / d logits kernel; writes bf16 over the student workspace.
+
+    log p = rel_s + (tile max − row LSE), from the partials and the row statistics; `row_term` is
+    KL(p‖q) (reverse) or KL(p‖m) (jsd); `scale` folds the reduction weight and 1/τ. The
+    vocabulary is static (one model, one vocabulary) so that loads and stores vectorise.
+    """
+    rows = T.dynamic("rows")
+    n_tiles = -(-vocab // block_v)
+    f16, f32, bf16 = T.float16, T.float32, T.bfloat16
+    log_1m_beta = math.log1p(-beta) if kind == "jsd" else 0.0
+    log_beta = math.log(beta) if kind == "jsd" else 0.0
+
+    @T.prim_func
+    def logit_grad(
+        student_rel: T.Tensor((rows, vocab_pad), f16),
+        teacher_rel: T.Tensor((rows, vocab_pad), f16),
+        partials: T.Tensor((n_tiles, N_PARTIALS, rows), f32),
+        row_stats: T.Tensor((N_ROW_STATS, rows), f32),
+        row_term: T.Tensor((rows,), f32),
+        scale: f32,
+        grad: T.Tensor((rows, vocab_pad), bf16),
+    ):
+        with T.Kernel(T.ceildiv(rows, block_m), n_tiles, threads=threads) as (bm, bv):
+            rel_s = T.alloc_fragment((block_m, block_v), f16)
+            rel_t = T.alloc_fragment((block_m, block_v), f16)
+            g = T.alloc_fragment((block_m, block_v), bf16)
+            tile_ms = T.alloc_fragment((block_m,), f32)
+            tile_mt = T.alloc_fragment((block_m,), f32)
+            lse_s = T.alloc_fragment((block_m,), f32)
+            lse_t = T.alloc_fragment((block_m,), f32)
+            term = T.alloc_fragment((block_m,), f32)
+            T.copy(student_rel[bm * block_m, bv * block_v], rel_s)
+            T.copy(teacher_rel[bm * block_m, bv * block_v], rel_t)
+            T.copy(partials[bv, 0, bm * block_m], tile_ms)
+            T.copy(partials[bv, 4, bm * block_m], tile_mt)
+            T.copy(row_stats[0, bm * block_m], lse_s)
+            T.copy(row_stats[1, bm * block_m], lse_t)
+            T.copy(row_term[bm * block_m], term)
+            for i, j in T.Parallel(block_m, block_v):
+                logp = T.cast(rel_s[i, j], f32) + (tile_ms[i] - lse_s[i])
+                logq = T.cast(rel_t[i, j], f32) + (tile_mt[i] - lse_t[i])
+                p = T.exp2(logp * LOG2E)
+                if kind == "reverse":
+                    g[i, j] = T.cast(p * (logp - logq - term[i]) * scale, bf16)
+                elif kind == "forward":
+                    g[i, j] = T.cast((p - T.exp2(logq * LOG2E)) * scale, bf16)
+                else:
+                    log_m = _log_mixture(logp, logq, log_1m_beta, log_beta)
+                    g[i, j] = T.cast((1.0 - beta) * p * (logp - log_m - term[i]) * scale, bf16)
+            T.copy(g, grad[bm * block_m, bv * block_v])
+
+    return logit_grad
+
+
+@tilelang.jit(pass_configs=PASS_CONFIGS)
+def jsd_partials_kernel(beta: float, vocab: int, vocab_pad: int, block_m: int, block_v: int, threads: int):
+    """Builds the per-tile sums Σ p(log p − log m) and Σ q(log q − log m) → [P, 2, R]."""
+    rows = T.dynamic("rows")
+    n_tiles = -(-vocab // block_v)
+    f16, f32 = T.float16, T.float32
+    log_1m_beta, log_beta = math.log1p(-beta), math.log(beta)
+
+    @T.prim_func
+    def jsd_partials(
+        student_rel: T.Tensor((rows, vocab_pad), f16),
+        teacher_rel: T.Tensor((rows, vocab_pad), f16),
+        partials: T.Tensor((n_tiles, N_PARTIALS, rows), f32),
+        row_stats: T.Tensor((N_ROW_STATS, rows), f32),
+        out: T.Tensor((n_tiles, 2, rows), f32),
+    ):
+        with T.Kernel(T.ceildiv(rows, block_m), n_tiles, threads=threads) as (bm, bv):
+            rel_s = T.alloc_fragment((block_m, block_v), f16)
+            rel_t = T.alloc_fragment((block_m, block_v), f16)
+            p_term = T.alloc_fragment((block_m, block_v), f32)
+            q_term = T.alloc_fragment((block_m, block_v), f32)
+            tile_ms = T.alloc_fragment((block_m,), f32)
+            tile_mt = T.alloc_fragment((block_m,), f32)
+            lse_s = T.alloc_fragment((block_m,), f32)
+            lse_t = T.alloc_fragment((block_m,), f32)
+            p_sum = T.alloc_fragment((block_m,), f32)
+            q_sum = T.alloc_fragment((block_m,), f32)
+            T.copy(student_rel[bm * block_m, bv * block_v], rel_s)
+            T.copy(teacher_rel[bm * block_m, bv * block_v], rel_t)
+            T.copy(partials[bv, 0, bm * block_m], tile_ms)
+            T.copy(partials[bv, 4, bm * block_m], tile_mt)
+            T.copy(row_stats[0, bm * block_m], lse_s)
+            T.copy(row_stats[1, bm * block_m], lse_t)
+            for i, j in T.Parallel(block_m, block_v):
+                logp = T.cast(rel_s[i, j], f32) + (tile_ms[i] - lse_s[i])
+                logq = T.cast(rel_t[i, j], f32) + (tile_mt[i] - lse_t[i])
+                log_m = _log_mixture(logp, logq, log_1m_beta, log_beta)
+                # Columns past V (the row padding and the ragged last tile) must not be summed.
+                in_vocab = bv * block_v + j < vocab
+                p_term[i, j] = T.if_then_else(in_vocab, T.exp2(logp * LOG2E) * (logp - log_m), 0.0)
+                q_term[i, j] = T.if_then_else(in_vocab, T.exp2(logq * LOG2E) * (logq - log_m), 0.0)
+            T.reduce_sum(p_term, p_sum, dim=1)
+            T.reduce_sum(q_term, q_sum, dim=1)
+            T.copy(p_sum, out[bv, 0, bm * block_m])
+            T.copy(q_sum, out[bv, 1, bm * block_m])
+
+    return jsd_partials
+
+
+def chunk_rows_for(vocab_pad: int, config: DistillKLKernelConfig) -> int:
+    """Rows per chunk so that the two fp16 [R, Vp] buffers fit `workspace_bytes`."""
+    rows = config.workspace_bytes // (4 * vocab_pad)
+    return max(config.block_m, rows // config.block_m * config.block_m)
+
+
+def distill_kl_tilelang(
+    student_hidden: torch.Tensor,
+    student_head: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_heads: torch.Tensor,
+    teacher_ids: torch.Tensor | None,
+    target_ids: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    kind: str,
+    beta: float,
+    temperature: float,
+    reduction: str,
+    grad_hidden: bool,
+    grad_head: bool,
+    config: DistillKLKernelConfig = DistillKLKernelConfig(),
+) -> DistillKLResult:
+    """Same contract as `ref.distill_kl_reference`; CUDA bf16 tensors, widths multiples of 8."""
+    kind, beta = resolve_kind(kind, beta)
+    n_rows, d_s = student_hidden.shape
+    vocab = student_head.shape[0]
+    vocab_pad = -(-vocab // 8) * 8
+    device = student_hidden.device
+    inv_tau = 1.0 / temperature
+    c = config
+
+    logits_kernel = logits_partials_kernel(c.block_m, c.block_v, c.block_k, c.num_stages, c.threads)
+    combine_kernel = combine_partials_kernel(vocab, c.block_v)
+    grad_kernel = logit_grad_kernel(kind, beta, vocab, vocab_pad, c.elementwise_block_m, c.block_v, c.threads) if (grad_hidden or grad_head) else None
+    jsd_kernel = jsd_partials_kernel(beta, vocab, vocab_pad, c.elementwise_block_m, c.block_v, c.threads) if kind == "jsd" else None
+    n_tiles = -(-vocab // c.block_v)
+
+    per_token_kl = torch.zeros(n_rows, dtype=torch.float32, device=device)
+    entropy = torch.zeros_like(per_token_kl)
+    target_logprob = None if target_ids is None else torch.zeros_like(per_token_kl)
+    d_hidden = torch.zeros_like(student_hidden) if grad_hidden else None
+    d_head = torch.empty_like(student_head) if grad_head else None
+    head_written = False
+
+    groups = teacher_row_groups(teacher_ids, mask, n_rows, device)
+    n_valid = sum(n_rows if rows is None else rows.numel() for _, rows in groups)
+    row_weight = 1.0 / max(n_valid, 1) if reduction == "mean" else 1.0
+    chunk = min(chunk_rows_for(vocab_pad, c), -(-max(n_valid, 1) // c.block_m) * c.block_m)
+    student_rel_buf = torch.empty(chunk, vocab_pad, dtype=torch.float16, device=device)
+    teacher_rel_buf = torch.empty_like(student_rel_buf)
+
+    for teacher, group_rows in groups:
+        head_t = teacher_heads[teacher]
+        n_group = n_rows if group_rows is None else group_rows.numel()
+        for start in range(0, n_group, chunk):
+            if group_rows is None:  # every row, in order: contiguous slices, no gather or scatter
+                rows = slice(start, min(start + chunk, n_rows))
+                hs = student_hidden[rows]
+                ht = teacher_hidden[rows]
+            else:
+                rows = group_rows[start : start + chunk]
+                hs = student_hidden.index_select(0, rows)
+                ht = teacher_hidden.index_select(0, rows)
+            r = hs.shape[0]
+            student_rel = student_rel_buf[:r]
+            teacher_rel = teacher_rel_buf[:r]
+            partials = torch.empty(n_tiles, N_PARTIALS, r, dtype=torch.float32, device=device)
+            row_stats = torch.empty(N_ROW_STATS, r, dtype=torch.float32, device=device)
+            logits_kernel(hs, student_head, ht, head_t, inv_tau, student_rel, teacher_rel, partials)
+            combine_kernel(partials, row_stats)
+            lse_s, _, reverse_kl, forward_kl, row_entropy = row_stats
+            entropy[rows] = row_entropy
+            if target_ids is not None:
+                target_rows = student_head.index_select(0, target_ids[rows])
+                target_logits = torch.linalg.vecdot(hs.float(), target_rows.float()) * inv_tau
+                target_logprob[rows] = target_logits - lse_s
+
+            if kind == "reverse":
+                row_loss = grad_term = reverse_kl
+            elif kind == "forward":
+                row_loss = grad_term = forward_kl
+            else:
+                jsd_sums = torch.empty(n_tiles, 2, r, dtype=torch.float32, device=device)
+                jsd_kernel(student_rel, teacher_rel, partials, row_stats, jsd_sums)
+                kl_p_m, kl_q_m = jsd_sums.sum(0)
+                row_loss, grad_term = beta * kl_q_m + (1.0 - beta) * kl_p_m, kl_p_m
+            per_token_kl[rows] = row_loss
+
+            if grad_kernel is None:
+                continue
+            grad_buf = student_rel.view(torch.bfloat16)
+            grad_kernel(student_rel, teacher_rel, partials, row_stats, grad_term, row_weight * inv_tau, grad_buf)
+            grad_logits = grad_buf[:, :vocab]
+            if grad_hidden:
+                if group_rows is None:
+                    torch.mm(grad_logits, student_head, out=d_hidden[rows])
+                else:
+                    d_hidden.index_copy_(0, rows, grad_logits @ student_head)
+            if grad_head:
+                if head_written:
+                    d_head.addmm_(grad_logits.T, hs)
+                else:
+                    torch.mm(grad_logits.T, hs, out=d_head)
+                    head_written = True
+
+    if grad_head and not head_written:
+        d_head.zero_()
+    loss = per_token_kl.sum() * row_weight
+    return DistillKLResult(loss, per_token_kl, target_logprob, entropy, d_hidden, d_head)
