@@ -143,7 +143,7 @@ def expert_forward(x_ND: torch.Tensor, indices_NK: torch.Tensor, weights_NK: tor
     out = torch.bmm(hidden * slot_weight[..., None], w2_EDI.transpose(1, 2))
     per_choice = x_ND.new_zeros(N * K, x_ND.shape[-1])
     per_choice[order] = out[sorted_expert, slot]
-    return per_choice.view(N, K, -1).sum(1)
+    return per_choice.view(N, K, x_ND.shape[-1]).sum(1)
 
 
 class SharedExpert(nn.Module):

@@ -48,6 +48,7 @@ class ModelOutput:
     losses: Dict[str, torch.Tensor] = field(default_factory=dict)
     routing: List[torch.Tensor] = field(default_factory=list)
     num_tokens: int = 0
+    num_mtp_tokens: int = 0
     mtp_logits: Optional[torch.Tensor] = None
     stats: Optional[LayerStats] = None
     hidden: Optional[torch.Tensor] = None
@@ -279,6 +280,7 @@ class V4Model(nn.Module):
         out.losses = losses
         out.loss = self.total_loss(losses)
         out.num_tokens = int((labels != -100).sum())
+        out.num_mtp_tokens = int((mtp_labels != -100).sum()) if mtp_labels is not None else 0
         return out
 
     def total_loss(self, losses: Dict[str, torch.Tensor], mtp_weight: Optional[float] = None) -> torch.Tensor:

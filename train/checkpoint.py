@@ -16,7 +16,7 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
@@ -38,31 +38,41 @@ def step_dir(root: Path, step: int) -> Path:
     return root / f"step_{step:08d}"
 
 
-def save_checkpoint(root: Path, step: int, parts: Dict[str, Any], meta: Optional[dict] = None) -> Path:
-    """Write parts (name -> picklable object) as checkpoints/step_<step>/ atomically."""
-    root.mkdir(parents=True, exist_ok=True)
+def save_checkpoint(root: Path, step: int, parts: Dict[str, Any], meta: Optional[dict] = None,
+                    rank: int = 0, barrier: Callable[[], None] = lambda: None) -> Path:
+    """Write parts (name -> picklable object) as checkpoints/step_<step>/ atomically.
+
+    Several ranks may call it together, each with its own part names: rank 0 creates the
+    temporary directory, every rank writes its parts, rank 0 then checksums all files, writes the
+    manifest and renames the directory into place. `barrier` synchronizes the ranks.
+    """
     final = step_dir(root, step)
-    tmp = root / f".tmp-{final.name}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    files = {}
+    tmp = root / f".tmp-{final.name}"
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    barrier()
     for name, obj in parts.items():
-        path = tmp / f"{name}.pt"
-        torch.save(obj, path)
-        files[path.name] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
-    manifest = {"step": step, "files": files, "meta": meta or {}}
-    with open(tmp / MANIFEST, "w") as f:
-        json.dump(manifest, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    if final.exists():            # a re-save of the same step (e.g. after a rollback) replaces it
-        old = root / f".old-{final.name}-{os.getpid()}"
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
+        torch.save(obj, tmp / f"{name}.pt")
+    barrier()
+    if rank == 0:
+        files = {path.name: {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+                 for path in sorted(tmp.glob("*.pt"))}
+        with open(tmp / MANIFEST, "w") as f:
+            json.dump({"step": step, "files": files, "meta": meta or {}}, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        if final.exists():        # a re-save of the same step (e.g. after a rollback) replaces it
+            old = root / f".old-{final.name}"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    barrier()
     return final
 
 
@@ -131,5 +141,5 @@ def prune_checkpoints(root: Path, keep_last: int) -> None:
     for path in checkpoints[:-keep_last]:
         if not (path / KNOWN_GOOD).exists():
             shutil.rmtree(path, ignore_errors=True)
-    for stale in root.glob(".tmp-step_*"):
+    for stale in list(root.glob(".tmp-step_*")) + list(root.glob(".old-step_*")):
         shutil.rmtree(stale, ignore_errors=True)

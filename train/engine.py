@@ -20,6 +20,9 @@ class LocalEngine:
         self.optimizer = build_optimizer(model, cfg)
         self.params = [p for p in model.parameters() if p.requires_grad]
 
+    def __call__(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
     def set_lr(self, lr: float) -> None:
         self.optimizer.set_lr(lr)
 

@@ -1,17 +1,18 @@
 """The pretraining loop: forward, loss, backward, step, log — one function, top to bottom (style rule 9).
 
-Components come from named builders (`build_model`, `build_data`, `LocalEngine`). Every step:
+Components come from named builders (`build_model`, `build_data`, `build_engine`). Every step:
 take `accum` micro-batches, weight each micro-batch's loss by its share of the step's target
-tokens (the step's loss is the token mean over the global batch, whatever the micro-batching),
-back-propagate, check for a loss spike, then clip + step (Muon for matrices, AdamW for the rest)
-or skip / roll back, update the MoE balancing biases, and append one line to metrics.jsonl.
+tokens over all data-parallel ranks (the step's loss is the token mean over the global batch,
+whatever the layout and micro-batching), back-propagate, check for a loss spike, then clip + step
+(Muon for matrices, AdamW for the rest) or skip / roll back, update the MoE balancing biases, and
+append one line to metrics.jsonl. One process runs `LocalEngine`; several run the megatron-core +
+DeepSpeed `ParallelEngine` (train/parallel) with the same calls.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import os
 import signal
 import time
 from dataclasses import dataclass
@@ -23,9 +24,10 @@ from omegaconf import OmegaConf
 
 from model import ModelArgs, V4Model
 from train.anticipatory import AnticipatoryRouting
-from train.checkpoint import (latest_valid_checkpoint, list_checkpoints, load_checkpoint, prune_checkpoints,
-                              save_checkpoint, tag_known_good, KNOWN_GOOD)
+from train.checkpoint import (KNOWN_GOOD, latest_valid_checkpoint, list_checkpoints, load_checkpoint,
+                              prune_checkpoints, save_checkpoint, tag_known_good)
 from train.config import Config, accumulation_steps, validate
+from train.context import RunContext, make_context
 from train.data import Data, build_data
 from train.engine import LocalEngine
 from train.metrics import MetricsLogger
@@ -49,16 +51,9 @@ class TrainerState:
     spikes_since_save: int = 0
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("train.device=cuda but no CUDA device is visible; use train.device=cpu or auto")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
-
-
 def build_model(args: ModelArgs, device: torch.device, seed: int, stage: str) -> V4Model:
-    """The V4 model on `device` (fp32 master weights); indexer-only training freezes the rest."""
+    """The full single-device V4 model (fp32 master weights) on `device`, the same on every rank;
+    indexer-only training freezes the rest."""
     torch.manual_seed(seed)
     model = V4Model(args).to(device)
     if stage == "indexer_warmup":
@@ -67,26 +62,77 @@ def build_model(args: ModelArgs, device: torch.device, seed: int, stage: str) ->
     return model.train()
 
 
-def init_model_from(model: V4Model, path: Path) -> Path:
-    """Load model weights from a checkpoint directory or a run directory (its newest valid one)."""
-    if (path / "checkpoints").is_dir():
-        found = latest_valid_checkpoint(path / "checkpoints")
-        if found is None:
-            raise ValueError(f"run.init_from={path}: the run has no valid checkpoint")
-        path = found
-    if not path.is_dir():
-        raise ValueError(f"run.init_from={path} does not exist; pass a checkpoint or run directory")
-    state = load_checkpoint(path, parts=["model"])["model"]
+def build_engine(model: V4Model, cfg: Config, ctx: RunContext, accum: int):
+    """LocalEngine for one process; otherwise TP -> EP -> DeepSpeed ZeRO (train.parallel.parallelize)."""
+    if not ctx.distributed:
+        return LocalEngine(model, cfg.optim)
+    from train.parallel import parallelize
+    from train.parallel.optimizers import muon_optimizer_fns
+
+    dense_fn, expert_fn = muon_optimizer_fns(cfg.optim, ctx.dims, cfg.model.o_groups)
+    return parallelize(model, ctx.dims, dense_fn, expert_fn, micro_batch_size=cfg.train.micro_batch,
+                       grad_accum_steps=accum, grad_clip=cfg.optim.grad_clip)
+
+
+def full_model_state(engine, ctx: RunContext) -> Optional[dict]:
+    """Unsharded weights under the single-device names (rank 0; collective under a layout)."""
+    module = engine.model if not ctx.distributed else engine.module
+    if not ctx.distributed:
+        return module.state_dict()
+    from train.parallel import gather_full_parameters
+
+    full = gather_full_parameters(module, ctx.dims)
+    if not ctx.is_main:
+        return None
+    params = {n for n, _ in module.named_parameters()}
+    full.update({k: v.cpu() for k, v in module.state_dict().items()
+                 if k not in params and isinstance(v, torch.Tensor)})   # megatron adds _extra_state=None
+    return full
+
+
+def load_model_weights(model: V4Model, state: dict, source: str) -> None:
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:
-        raise ValueError(f"run.init_from={path} does not fit this model ({str(exc).splitlines()[1].strip()}); "
+        raise ValueError(f"{source} does not fit this model ({str(exc).splitlines()[1].strip()}); "
                          "use the same model config as the checkpoint") from None
     if missing or unexpected:
-        raise ValueError(f"run.init_from={path} does not fit this model (missing {missing[:3]}, "
-                         f"unexpected {unexpected[:3]}); use the same model config as the checkpoint")
-    log.info("model weights initialized from %s", path)
+        raise ValueError(f"{source} does not fit this model (missing {missing[:3]}, unexpected "
+                         f"{unexpected[:3]}); use the same model config as the checkpoint")
+
+
+def resolve_checkpoint(path: Path, what: str) -> Path:
+    """A checkpoint directory, or a run directory's newest valid checkpoint."""
+    if (path / "checkpoints").is_dir():
+        found = latest_valid_checkpoint(path / "checkpoints")
+        if found is None:
+            raise ValueError(f"{what}={path}: the run has no valid checkpoint")
+        return found
+    if not path.is_dir():
+        raise ValueError(f"{what}={path} does not exist; pass a checkpoint or run directory")
     return path
+
+
+def init_model_from(model: V4Model, path: Path) -> Path:
+    """Load model weights from a checkpoint directory or a run directory (its newest valid one)."""
+    path = resolve_checkpoint(Path(path), "run.init_from")
+    load_model_weights(model, load_checkpoint(path, parts=["model"])["model"], f"run.init_from={path}")
+    return path
+
+
+def pick_device(name: str) -> torch.device:
+    """'cpu', 'cuda' or 'auto' (cuda when available) for one process."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("train.device=cuda but no CUDA device is visible; use train.device=cpu or auto")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def layout_of(ctx: RunContext, cfg: Config) -> dict:
+    if not ctx.distributed:
+        return {"world_size": 1, "tp": 1, "ep": 1, "dp": 1}
+    return {"world_size": ctx.world_size, "tp": ctx.dims.tp, "ep": ctx.dims.ep, "dp": ctx.dims.dp}
 
 
 def mtp_weight(cfg: Config, step: int) -> float:
@@ -132,7 +178,7 @@ class StopRequest:
 
 
 class StepBatches:
-    """The micro-batches of each optimizer step, now or `ahead` steps in the future."""
+    """This rank's micro-batches of each optimizer step, now or `ahead` steps in the future."""
 
     def __init__(self, data: Data, accum: int, overfit_batches: int):
         self.data, self.accum = data, accum
@@ -153,20 +199,19 @@ class StepBatches:
 
 
 @torch.no_grad()
-def evaluate(model: V4Model, data: Data, device: torch.device, max_batches: int) -> Dict[str, float]:
-    """Held-out LM loss per domain (token mean)."""
+def evaluate(model, data: Data, ctx: RunContext, max_batches: int) -> Dict[str, float]:
+    """Held-out LM loss per domain (token mean over all data-parallel ranks)."""
     model.eval()
     losses = {}
     for domain in data.domains:
         total, count = 0.0, 0
         for batch in data.eval_batches(domain)[:max_batches]:
-            labels = batch["labels"].to(device)
+            labels = batch["labels"].to(ctx.device)
             n = int((labels != -100).sum())
-            if n == 0:
-                continue
-            out = model(batch["input_ids"].to(device), labels=labels, doc_ids=batch["doc_ids"].to(device))
+            out = model(batch["input_ids"].to(ctx.device), labels=labels, doc_ids=batch["doc_ids"].to(ctx.device))
             total += out.losses["lm"].item() * n
             count += n
+        total, count = ctx.sum_over_dp([total, count])
         if count:
             losses[f"{domain}_loss"] = total / count
     model.train()
@@ -187,88 +232,120 @@ def inject_fault(batches: List[dict], vocab: int, kind: str, seed: int) -> List[
     return out
 
 
-def run(cfg: Config) -> dict:
-    """Train according to `cfg`; returns the run summary (also written to summary.json)."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    validate(cfg, world_size)
-    if world_size > 1:
-        raise ValueError("multi-process training goes through the parallel engine; launch it with "
-                         "`python -m launch` (this entry runs one process)")
-    device = pick_device(cfg.train.device)
-    spikes_cfg = cfg.train.spikes
-
-    # ---- run directory and record
+def prepare_run(cfg: Config, ctx: RunContext) -> Path:
+    """Rank 0 creates (or refuses) the run directory; every rank gets the same answer."""
+    if ctx.distributed and not cfg.run.dir:
+        raise ValueError("run.dir must be set when several processes train (python -m launch sets it)")
     run_dir = Path(cfg.run.dir) if cfg.run.dir else default_run_dir(cfg.run.name)
     cfg.run.dir = str(run_dir)
-    run_dir = prepare_run_dir(run_dir, cfg.run.resume, cfg.run.overwrite)
-    setup_logging(run_dir, rank)
-    write_run_record(run_dir, cfg)
-    log.info("run directory %s", run_dir)
+    error = None
+    if ctx.is_main:
+        try:
+            prepare_run_dir(run_dir, cfg.run.resume, cfg.run.overwrite)
+        except ValueError as exc:
+            error = str(exc)
+    error = ctx.broadcast_error(error)
+    if error:
+        raise ValueError(error)
+    setup_logging(run_dir, ctx.rank)
+    if ctx.is_main:
+        write_run_record(run_dir, cfg)
+    return run_dir
+
+
+def run(cfg: Config) -> dict:
+    """Train according to `cfg`; returns the run summary (also written to summary.json)."""
+    ctx = make_context(cfg.parallel, cfg.model, cfg.train.device)
+    validate(cfg, ctx.world_size)
+    spikes_cfg = cfg.train.spikes
+    run_dir = prepare_run(cfg, ctx)
+    log.info("run directory %s; %d process(es), layout %s", run_dir, ctx.world_size, layout_of(ctx, cfg))
     ckpt_root = run_dir / "checkpoints"
 
     # ---- components
+    accum = accumulation_steps(cfg, ctx.dp_size)
     data = build_data(cfg.data, vocab_size=cfg.model.vocab_size, seq_len=cfg.train.seq_len,
-                      global_batch=cfg.train.micro_batch, seed=cfg.run.seed)
+                      global_batch=cfg.train.micro_batch * ctx.dp_size, dp_rank=ctx.dp_rank,
+                      dp_size=ctx.dp_size, seed=cfg.run.seed)
     log.info("%s", data.summary())
-    model = build_model(cfg.model, device, cfg.run.seed, cfg.train.stage)
+    model = build_model(cfg.model, ctx.device, cfg.run.seed, cfg.train.stage)
     log.info("model: %.3fM parameters (%.3fM active per token, MTP excluded)",
              model.num_parameters() / 1e6, model.num_parameters(active=True) / 1e6)
-    engine = LocalEngine(model, cfg.optim)
-    accum = accumulation_steps(cfg, 1)
+    flops_token = flops_per_token(model, cfg.train.seq_len)
+    resume_path = None
+    if cfg.run.resume != "never":
+        resume_path = (latest_valid_checkpoint(ckpt_root) if cfg.run.resume == "auto"
+                       else resolve_checkpoint(Path(cfg.run.resume), "run.resume"))
+    if resume_path is None and cfg.run.init_from:
+        log.info("model weights initialized from %s", init_model_from(model, Path(cfg.run.init_from)))
+    if resume_path is not None:          # full weights go in before sharding
+        ckpt = load_checkpoint(resume_path, parts=["model"])
+        saved_layout = ckpt["_meta"].get("layout")
+        if saved_layout and saved_layout != layout_of(ctx, cfg):
+            raise ValueError(f"checkpoint {resume_path} was written under layout {saved_layout}, this run is "
+                             f"{layout_of(ctx, cfg)}; resume with the same layout, or start from its weights "
+                             f"with run.init_from={resume_path} (optimizer state restarts)")
+        load_model_weights(model, ckpt["model"], f"checkpoint {resume_path}")
+    engine = build_engine(model, cfg, ctx, accum)
+    module = engine.model if not ctx.distributed else engine.module
     state = TrainerState()
     detector = SpikeDetector(spikes_cfg)
     routing = AnticipatoryRouting(spikes_cfg.lookahead)
     batches_of = StepBatches(data, accum, cfg.train.overfit_batches)
-    peak = cfg.train.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if device.type == "cuda"
-                                          and k in torch.cuda.get_device_name(device)), 0.0)
-    flops_token = flops_per_token(model, cfg.train.seq_len)
+    peak = cfg.train.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if ctx.device.type == "cuda"
+                                          and k in torch.cuda.get_device_name(ctx.device)), 0.0)
 
     def save(step: int) -> Path:
-        path = save_checkpoint(ckpt_root, step, {
-            "model": model.state_dict(),
-            "optimizer": engine.state_dict(),
-            "trainer": {"state": vars(state).copy(), "loader": data.train.state_dict(),
-                        "rng_cpu": torch.get_rng_state(), "spikes": detector.state_dict(),
-                        "routing": routing.state_dict()},
-        }, meta={"config": OmegaConf.to_container(OmegaConf.structured(cfg))})
-        if state.spikes_since_save == 0:
-            tag_known_good(path)
+        weights = full_model_state(engine, ctx)
+        parts = {f"rank{ctx.rank:05d}": {"optimizer": engine.state_dict(), "routing": routing.state_dict(),
+                                         "rng_cpu": torch.get_rng_state()}}
+        if ctx.is_main:
+            parts["model"] = weights
+            parts["trainer"] = {"state": vars(state).copy(), "loader": data.train.state_dict(),
+                                "spikes": detector.state_dict()}
+        path = save_checkpoint(ckpt_root, step, parts, rank=ctx.rank, barrier=ctx.barrier, meta={
+            "layout": layout_of(ctx, cfg), "config": OmegaConf.to_container(OmegaConf.structured(cfg))})
+        if ctx.is_main:
+            if state.spikes_since_save == 0:
+                tag_known_good(path)
+            prune_checkpoints(ckpt_root, cfg.train.keep_checkpoints)
+            log.info("checkpoint %s", path)
         state.spikes_since_save = 0
-        prune_checkpoints(ckpt_root, cfg.train.keep_checkpoints)
-        log.info("checkpoint %s", path)
+        ctx.barrier()
         return path
 
-    def restore(path: Path) -> None:
-        ckpt = load_checkpoint(path)
-        model.load_state_dict(ckpt["model"])
-        for moe in model.moe_layers():
-            moe.expert_load.zero_()
-        engine.load_state_dict(ckpt["optimizer"])
-        data.train.load_state_dict(ckpt["trainer"]["loader"])
+    def restore(path: Path, weights_loaded: bool) -> None:
         nonlocal state
+        ckpt = load_checkpoint(path, parts=["model", "trainer", f"rank{ctx.rank:05d}"])
+        if not weights_loaded:
+            if ctx.distributed:      # rollback: the optimizer's fp32 masters carry the weights back
+                params = {name for name, _ in module.named_parameters()}
+                module.load_state_dict({k: v for k, v in ckpt["model"].items() if k not in params},
+                                       strict=False)
+            else:
+                module.load_state_dict(ckpt["model"])
+        own = ckpt[f"rank{ctx.rank:05d}"]
+        engine.load_state_dict(own["optimizer"])
+        routing.load_state_dict(own["routing"])
+        torch.set_rng_state(own["rng_cpu"])
+        data.train.load_state_dict(ckpt["trainer"]["loader"])
         state = TrainerState(**ckpt["trainer"]["state"])
-        torch.set_rng_state(ckpt["trainer"]["rng_cpu"])
         detector.load_state_dict(ckpt["trainer"]["spikes"])
-        routing.load_state_dict(ckpt["trainer"]["routing"])
-
-    if cfg.run.init_from:
-        init_model_from(model, Path(cfg.run.init_from))
+        for moe in module.moe_layers():
+            moe.expert_load.zero_()
 
     # ---- resume
     resumed_from = None
-    if cfg.run.resume != "never":
-        path = latest_valid_checkpoint(ckpt_root) if cfg.run.resume == "auto" else Path(cfg.run.resume)
-        if path is not None:
-            restore(path)
-            resumed_from = str(path)
-            log.info("resumed from %s at step %d", path, state.step)
+    if resume_path is not None:
+        restore(resume_path, weights_loaded=True)
+        resumed_from = str(resume_path)
+        log.info("resumed from %s at step %d", resume_path, state.step)
 
     metrics = MetricsLogger(run_dir, cfg.logging, cfg.run.name, OmegaConf.to_container(OmegaConf.structured(cfg)),
-                            enabled=rank == 0, resume=resumed_from is not None)
+                            enabled=ctx.is_main, resume=resumed_from is not None)
     stop = StopRequest()
     progress = None
-    if cfg.logging.progress and rank == 0:
+    if cfg.logging.progress and ctx.is_main:
         from tqdm.auto import tqdm
         progress = tqdm(total=cfg.train.max_steps, initial=state.step, desc="train", unit="step",
                         dynamic_ncols=True)
@@ -276,6 +353,7 @@ def run(cfg: Config) -> dict:
     last_row: dict = {}
     last_eval: Dict[str, float] = {}
     injected = False
+    stopping = False
 
     # ---- the loop
     while state.step < cfg.train.max_steps:
@@ -293,31 +371,34 @@ def run(cfg: Config) -> dict:
         ar_s = 0.0
         if routing.active(step):
             ta = time.perf_counter()
-            routing.precompute(model, step, accum, lambda ahead, micro: batches_of.peek(step, ahead, micro), device)
+            routing.precompute(module, step, accum, lambda ahead, micro: batches_of.peek(step, ahead, micro),
+                               ctx.device)
             ar_s = time.perf_counter() - ta
         batches = batches_of.take(step)
         if inject_now:
             batches = inject_fault(batches, cfg.model.vocab_size, spikes_cfg.inject_kind, step)
             injected = True
 
-        step_tokens = sum(int((b["labels"] != -100).sum()) for b in batches)
+        local_tokens = sum(int((b["labels"] != -100).sum()) for b in batches)
+        (step_tokens,) = ctx.sum_over_dp([local_tokens])
         sums = {"loss": 0.0, "lm": 0.0, "mtp": 0.0, "balance": 0.0, "indexer": 0.0}
         stats = None
         for micro, b in enumerate(batches):
-            b = {k: v.to(device) for k, v in b.items()}
-            override = routing.take(step, micro, device) if routing.active(step) else None
-            out = model(b["input_ids"], labels=b["labels"], doc_ids=b["doc_ids"], routing_override=override,
-                        collect_stats=collect)
-            loss = model.total_loss(out.losses, mtp_weight=lam)
+            b = {k: v.to(ctx.device) for k, v in b.items()}
+            override = routing.take(step, micro, ctx.device) if routing.active(step) else None
+            out = engine(b["input_ids"], labels=b["labels"], doc_ids=b["doc_ids"], routing_override=override,
+                         collect_stats=collect)
+            loss = module.total_loss(out.losses, mtp_weight=lam)
             share = out.num_tokens / max(step_tokens, 1)
-            engine.backward(loss * share)
+            engine.backward(loss * (share * ctx.dp_size))
             sums["loss"] += loss.item() * share
             for k in ("lm", "mtp", "balance", "indexer"):
                 sums[k] += out.losses[k].item() * share
             stats = out.stats or stats
+        sums = dict(zip(sums, ctx.sum_over_dp(list(sums.values()))))
         grad_norm = engine.clip_grad_norm()
 
-        # spike check before the update is applied
+        # spike check before the update is applied (loss and norm are global: every rank agrees)
         spike = detector.check(step + 1, sums["lm"], grad_norm)
         if spike is not None:
             state.spikes_since_save += 1
@@ -329,9 +410,7 @@ def run(cfg: Config) -> dict:
         if action == "rollback" and spike.severe and known_good:
             engine.skip_step()
             target = known_good[-1]
-            restore(target)
-            for moe in model.moe_layers():
-                moe.expert_load.zero_()
+            restore(target, weights_loaded=False)
             metrics.log_event(step + 1, "rollback", f"rolled back to {target.name} (step {state.step})",
                               to_step=state.step)
             if spikes_cfg.anticipatory_steps:
@@ -346,17 +425,20 @@ def run(cfg: Config) -> dict:
             continue
         if action in ("skip", "rollback"):
             engine.skip_step()
-            for moe in model.moe_layers():
+            for moe in module.moe_layers():
                 moe.expert_load.zero_()
         else:
             engine.step()
-        loads = [moe.expert_load.clone() for moe in model.moe_layers()]
-        model.update_balance_biases(cfg.train.bias_update_speed)
+        loads = [moe.expert_load.clone() for moe in module.moe_layers()]
+        if ctx.distributed:
+            from train.parallel import reduce_expert_load
+            loads = reduce_expert_load(loads, ctx.dims)
+        module.update_balance_biases(cfg.train.bias_update_speed, loads=loads)
         if routing.active_until and step + 1 == routing.active_until:
             metrics.log_event(step + 1, "anticipatory_routing_off", "anticipatory routing switched off")
 
         dt = time.perf_counter() - t0
-        tokens = sum(b["input_ids"].numel() for b in batches)
+        tokens = sum(b["input_ids"].numel() for b in batches) * ctx.dp_size
         state.step, state.tokens, state.elapsed_s = step + 1, state.tokens + tokens, state.elapsed_s + dt
         row = {"step": step + 1, "loss": sums["loss"], "lm_loss": sums["lm"], "mtp_loss": sums["mtp"],
                "balance_loss": sums["balance"], "indexer_loss": sums["indexer"], "lr": lr,
@@ -364,7 +446,7 @@ def run(cfg: Config) -> dict:
                "step_time_s": dt, "mtp_weight": lam, "anticipatory_routing": routing.active(step),
                "anticipatory_routing_s": ar_s, "skipped": action in ("skip", "rollback")}
         if peak:
-            row["mfu"] = tokens / dt * flops_token / (peak * 1e12)
+            row["mfu"] = tokens / dt / ctx.world_size * flops_token / (peak * 1e12)
         row.update(load_metrics(loads, full=collect))
         if stats is not None:
             row["sinkhorn_row_error_max"] = max(stats.sinkhorn_row_error)
@@ -382,14 +464,15 @@ def run(cfg: Config) -> dict:
             progress.update(1)
 
         done = state.step == cfg.train.max_steps
+        stopping = ctx.any_rank(stop.signal is not None)
         if (cfg.train.eval_every and state.step % cfg.train.eval_every == 0) or done:
-            last_eval = evaluate(model, data, device, cfg.train.eval_batches)
+            last_eval = evaluate(module, data, ctx, cfg.train.eval_batches)
             metrics.log_eval(state.step, last_eval)
             log.info("step %d eval %s", state.step, {k: round(v, 4) for k, v in last_eval.items()})
-        if (cfg.train.checkpoint_every and state.step % cfg.train.checkpoint_every == 0) or done or stop.signal:
+        if (cfg.train.checkpoint_every and state.step % cfg.train.checkpoint_every == 0) or done or stopping:
             save(state.step)
-        if stop.signal:
-            log.warning("signal %d received: checkpoint saved at step %d, exiting", stop.signal, state.step)
+        if stopping:
+            log.warning("stop signal received: checkpoint saved at step %d, exiting", state.step)
             break
 
     if progress is not None:
@@ -399,11 +482,15 @@ def run(cfg: Config) -> dict:
         "tokens_per_s": state.tokens / state.elapsed_s if state.elapsed_s else 0.0,
         "first_loss": first_loss, "final_loss": last_row.get("lm_loss"),
         "ln_vocab": math.log(cfg.model.vocab_size), "eval": last_eval, "resumed_from": resumed_from,
-        "stopped_by_signal": stop.signal,
+        "stopped_by_signal": stopping, "layout": layout_of(ctx, cfg),
     }
     metrics.close(summary)
-    if rank == 0:
+    if ctx.is_main:
         print_summary(summary, run_dir)
+    if ctx.distributed:
+        from train.parallel import destroy_parallel
+        ctx.barrier()
+        destroy_parallel()
     return summary
 
 

@@ -109,7 +109,7 @@ def test_crash_mid_save_and_corruption_fall_back_to_an_earlier_checkpoint(tmp_pa
 def test_resume_auto_skips_a_corrupted_newest_checkpoint(tmp_path):
     run_dir = tmp_path / "run"
     _run(tmp_path, "train.max_steps=4", "train.checkpoint_every=2", f"run.dir={run_dir}", "logging.wandb=false")
-    newest = run_dir / "checkpoints" / "step_00000004" / "optimizer.pt"
+    newest = run_dir / "checkpoints" / "step_00000004" / "rank00000.pt"
     newest.write_bytes(newest.read_bytes()[:-10])
     proc = _run(tmp_path, "train.max_steps=6", f"run.dir={run_dir}", "logging.wandb=false", "run.resume=auto")
     assert "skipping checkpoint" in proc.stderr and "step_00000004" in proc.stderr
