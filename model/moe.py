@@ -141,7 +141,7 @@ def expert_forward(x_ND: torch.Tensor, indices_NK: torch.Tensor, weights_NK: tor
     slot_weight = x_ND.new_zeros(E, capacity)
     slot_weight[sorted_expert, slot] = weights_NK.reshape(-1)[order].to(x_ND.dtype)
     out = torch.bmm(hidden * slot_weight[..., None], w2_EDI.transpose(1, 2))
-    per_choice = x_ND.new_zeros(N * K, x_ND.shape[-1])
+    per_choice = out.new_zeros(N * K, x_ND.shape[-1])      # out is bf16 under autocast
     per_choice[order] = out[sorted_expert, slot]
     return per_choice.view(N, K, x_ND.shape[-1]).sum(1)
 

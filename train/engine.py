@@ -21,6 +21,11 @@ class LocalEngine:
         self.params = [p for p in model.parameters() if p.requires_grad]
 
     def __call__(self, *args, **kwargs):
+        """Forward; on CUDA in bf16 autocast over the fp32 master weights (the model keeps its
+        fp32 islands — mHC, compressor pooling, router, head — explicitly)."""
+        if next(self.model.parameters()).is_cuda:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                return self.model(*args, **kwargs)
         return self.model(*args, **kwargs)
 
     def set_lr(self, lr: float) -> None:
