@@ -141,6 +141,9 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         fail(f"train.seq_len={t.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}; "
              "lower train.seq_len or raise model.max_seq_len")
     dp = cfg.parallel.dp_size(world_size) if world_size > 1 else 1
+    if dp < 1:
+        fail(f"parallel.tp={cfg.parallel.tp} with {world_size} processes leaves no data-parallel rank; "
+             "launch a multiple of parallel.tp processes")
     if t.global_batch % (t.micro_batch * dp):
         fail(f"train.global_batch={t.global_batch} is not a multiple of train.micro_batch="
              f"{t.micro_batch} x data-parallel size {dp}; pick global_batch = k * {t.micro_batch * dp}")

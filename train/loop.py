@@ -164,17 +164,26 @@ def setup_logging(run_dir: Path, rank: int) -> None:
 
 
 class StopRequest:
-    """SIGTERM/SIGINT set a flag; the loop saves a checkpoint after the current step and exits."""
+    """SIGTERM/SIGINT set a flag; the loop saves a checkpoint after the current step and exits.
+
+    SLURM signals every process of a job step and torchrun forwards the same signal again, so a
+    repeat of the same signal within `REPEAT_S` is one request; a later one means "stop now"."""
+
+    REPEAT_S = 10.0
 
     def __init__(self) -> None:
         self.signal: Optional[int] = None
+        self._at = 0.0
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, _frame) -> None:
-        if self.signal is not None:         # a second signal: stop now
+        now = time.monotonic()
+        if self.signal is not None:
+            if signum == self.signal and now - self._at < self.REPEAT_S:
+                return
             raise KeyboardInterrupt
-        self.signal = signum
+        self.signal, self._at = signum, now
 
 
 class StepBatches:

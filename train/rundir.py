@@ -18,7 +18,6 @@ from typing import Optional
 import torch
 from omegaconf import OmegaConf
 
-RUN_MARKERS = ("metrics.jsonl", "checkpoints", "summary.json")
 PACKAGES = ("torch", "deepspeed", "megatron-core", "hydra-core", "datasets", "tokenizers", "wandb",
             "numpy", "triton", "tilelang")
 
@@ -30,7 +29,12 @@ def default_run_dir(name: str) -> Path:
 
 
 def holds_run(path: Path) -> bool:
-    return path.is_dir() and any((path / marker).exists() for marker in RUN_MARKERS)
+    """A finished step, a checkpoint or a summary is a run; a start that failed before step 1 is not."""
+    if not path.is_dir():
+        return False
+    metrics = path / "metrics.jsonl"
+    return ((metrics.is_file() and metrics.stat().st_size > 0) or (path / "summary.json").exists()
+            or any((path / "checkpoints").glob("step_*")))
 
 
 def prepare_run_dir(path: Path, resume: str, overwrite: bool) -> Path:
