@@ -167,7 +167,7 @@ def test_bad_input_is_one_line_naming_the_field(tmp_path, capsys, argv, needle):
 
 def test_a_directory_holding_a_run_is_refused_unless_resuming(tmp_path, capsys):
     run_dir = tmp_path / "old"
-    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / "step_00000002").mkdir(parents=True)
     code, _, err = run_main(capsys, "--dry-run", f"run.dir={run_dir}", *TINY)
     assert code == 2 and "already holds a run" in err and "run.resume=auto" in err
     code, out, _ = run_main(capsys, "--dry-run", f"run.dir={run_dir}", "run.resume=auto", *TINY)
