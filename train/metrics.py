@@ -24,6 +24,43 @@ def _plain(value: Any) -> Any:
     return value
 
 
+_PER_LAYER = {"sinkhorn_row_error": "mhc/sinkhorn_row_error", "max_comb_logit": "mhc/max_comb_logit",
+              "load_imbalance": "moe/load_imbalance"}
+
+
+def _per_layer_scalars(row: Dict[str, Any]) -> Dict[str, float]:
+    """Lists per mHC unit / MoE layer become one wandb series each (e.g. mhc/sinkhorn_row_error/3)."""
+    out = {}
+    for key, prefix in _PER_LAYER.items():
+        for i, value in enumerate(row.get(key) or []):
+            if isinstance(value, (int, float)):
+                out[f"{prefix}/{i}"] = value
+    return out
+
+
+def _load_heatmap(expert_load: List[List[float]], step: int):
+    """Per-expert load (layers x experts, relative to a uniform share) as a wandb image."""
+    import numpy as np
+    import wandb
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    load = np.asarray(expert_load, dtype=float)
+    load = load * load.shape[1]
+    fig = Figure(figsize=(max(4, load.shape[1] * 0.25), max(2, load.shape[0] * 0.3)))
+    ax = fig.add_subplot()
+    image = ax.imshow(load, cmap="RdBu_r", vmin=0, vmax=2, aspect="auto")
+    ax.set_xlabel("expert")
+    ax.set_ylabel("MoE layer")
+    ax.set_title(f"expert load / uniform share, step {step}")
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    pixels = np.asarray(canvas.buffer_rgba())[..., :3]
+    return wandb.Image(pixels)
+
+
 class MetricsLogger:
     """Appends one JSON object per optimizer step to metrics.jsonl and mirrors it to wandb."""
 
@@ -58,9 +95,17 @@ class MetricsLogger:
         self._metrics.write(json.dumps(clean) + "\n")
         self._metrics.flush()
         if self.wandb is not None:
-            payload = {k: v for k, v in clean.items() if isinstance(v, (int, float))}
-            payload.update(extra_wandb or {})
-            self.wandb.log(payload, step=int(row["step"]))
+            try:
+                payload = {k: v for k, v in clean.items() if isinstance(v, (int, float))}
+                payload.update(_per_layer_scalars(clean))
+                if clean.get("expert_load"):
+                    payload["moe/expert_load_heatmap"] = _load_heatmap(clean["expert_load"], int(row["step"]))
+                payload.update(extra_wandb or {})
+                self.wandb.log(payload, step=int(row["step"]))
+            except Exception as exc:  # noqa: BLE001 - a dashboard problem never stops training
+                log.warning("wandb logging failed at step %s (%s); continuing with metrics.jsonl only",
+                            row.get("step"), exc)
+                self.wandb = None
 
     def log_eval(self, step: int, losses: Dict[str, float]) -> None:
         if not self.enabled:

@@ -138,3 +138,10 @@ def test_injected_spike_is_detected_rolled_back_and_recovered_with_anticipatory_
     assert final["lm_loss"] < before["lm_loss"] + 0.05           # recovered
     wandb_files = list((run_dir / "wandb").rglob("*.wandb"))
     assert wandb_files and any(b"loss_spike" in f.read_bytes() for f in wandb_files)
+    assert any(b"moe/expert_load_heatmap" in f.read_bytes() for f in wandb_files)
+    assert any(b"mhc/sinkhorn_row_error/0" in f.read_bytes() for f in wandb_files)
+    report = subprocess.run([sys.executable, "-m", "train.report", str(run_dir)], cwd=ROOT, env=_env(),
+                            capture_output=True, text=True, timeout=300)
+    assert report.returncode == 0, report.stderr[-2000:]
+    html = (run_dir / "report" / "report.html").read_text()
+    assert "loss_spike" in html and "rollback" in html and (run_dir / "report" / "report.png").stat().st_size > 10_000
