@@ -18,8 +18,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	rm -f $(VENV)/.installed-*; touch $@
 
+# The full pipeline on the embedded corpus: pretrain the tiny preset, then fine-tune one expert per
+# domain from it and distil them back into one student (on-policy distillation).
 demo: $(STAMP)
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY) -m train experiment=demo
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY) -m train experiment=demo run.dir=runs/demo run.overwrite=true
+	OMP_NUM_THREADS=1 $(PY) -m distill distill=demo distill.base=runs/demo run.dir=runs/demo-distill run.overwrite=true
 
 test: $(STAMP)
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q tests

@@ -143,3 +143,17 @@ def prune_checkpoints(root: Path, keep_last: int) -> None:
             shutil.rmtree(path, ignore_errors=True)
     for stale in list(root.glob(".tmp-step_*")) + list(root.glob(".old-step_*")):
         shutil.rmtree(stale, ignore_errors=True)
+
+
+def resolve_checkpoint(path, what: str = "checkpoint") -> Path:
+    """A checkpoint directory, or the newest valid checkpoint of a run directory."""
+    found = Path(path).expanduser()
+    if (found / "checkpoints").is_dir():
+        newest = latest_valid_checkpoint(found / "checkpoints")
+        if newest is None:
+            raise ValueError(f"{what}={path}: the run has no valid checkpoint")
+        return newest
+    if not (found / MANIFEST).is_file():
+        raise ValueError(f"{what}={path} is neither a checkpoint directory (with {MANIFEST}) nor a run "
+                         "directory with checkpoints/; point it at one")
+    return found

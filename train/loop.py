@@ -25,7 +25,7 @@ from omegaconf import OmegaConf
 from model import ModelArgs, V4Model
 from train.anticipatory import AnticipatoryRouting
 from train.checkpoint import (KNOWN_GOOD, latest_valid_checkpoint, list_checkpoints, load_checkpoint,
-                              prune_checkpoints, save_checkpoint, tag_known_good)
+                              prune_checkpoints, resolve_checkpoint, save_checkpoint, tag_known_good)
 from train.config import Config, accumulation_steps, validate
 from train.context import RunContext, make_context
 from train.data import Data, build_data
@@ -99,18 +99,6 @@ def load_model_weights(model: V4Model, state: dict, source: str) -> None:
     if missing or unexpected:
         raise ValueError(f"{source} does not fit this model (missing {missing[:3]}, unexpected "
                          f"{unexpected[:3]}); use the same model config as the checkpoint")
-
-
-def resolve_checkpoint(path: Path, what: str) -> Path:
-    """A checkpoint directory, or a run directory's newest valid checkpoint."""
-    if (path / "checkpoints").is_dir():
-        found = latest_valid_checkpoint(path / "checkpoints")
-        if found is None:
-            raise ValueError(f"{what}={path}: the run has no valid checkpoint")
-        return found
-    if not path.is_dir():
-        raise ValueError(f"{what}={path} does not exist; pass a checkpoint or run directory")
-    return path
 
 
 def init_model_from(model: V4Model, path: Path) -> Path:
