@@ -100,8 +100,11 @@ class Attention(nn.Module):
             self.indexer = Indexer(args.dim, args.q_lora_rank, args.index_n_heads,
                                    args.index_head_dim, self.ratio, self.rope_dim, args.norm_eps,
                                    args.qat_fp4_indexer, args.fp4_block)
-        # Tensor parallelism shards the heads; its plan sets this to an all-reduce.
+        # Tensor parallelism shards the heads; its plan sets `reduce_heads` to an all-reduce of the
+        # value and `to_heads` (on tensors every local head reads: KV, compressed entries) to an
+        # all-reduce of the gradient, which the local heads only partly produce.
         self.reduce_heads = _identity
+        self.to_heads = _identity
 
     def forward(self, x_BTD: torch.Tensor, doc_ids_BT: torch.Tensor, positions_BT: torch.Tensor,
                 cache: Optional[AttentionCache] = None) -> tuple[torch.Tensor, AttentionAux]:
@@ -118,6 +121,7 @@ class Attention(nn.Module):
         kv = apply_rope(self.kv_norm(self.wkv(x_BTD)), cos, sin)
         if self.qat_fp8_kv:
             kv = torch.cat((fake_quant_fp8(kv[..., :D - r], self.fp8_block), kv[..., D - r:]), -1)
+        kv = self.to_heads(kv)
         q32, kv32 = q.float(), kv.float()
 
         decoding = cache is not None and cache.length > 0
@@ -143,7 +147,7 @@ class Attention(nn.Module):
         if self.compressor is not None:
             layout = entry_layout(all_docs, all_positions, self.ratio)
             entry_cos, entry_sin = rope_angles(layout.first_pos_BE, self.rope_freqs)
-            entries = self.compressor.pool(*comp_proj, layout, entry_cos, entry_sin)     # [B, E, D]
+            entries = self.to_heads(self.compressor.pool(*comp_proj, layout, entry_cos, entry_sin))  # [B, E, D]
             visible = layout.visible_BTE(doc_ids_BT, positions_BT)
             comp_mask = visible
             index_scores = None

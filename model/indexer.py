@@ -34,8 +34,10 @@ class Indexer(nn.Module):
         self.compressor = Compressor(dim, head_dim, ratio, overlap=True, rope_dim=rope_dim,
                                      norm_eps=norm_eps, quant="hadamard_fp4" if fp4 else "hadamard",
                                      quant_block=fp4_block)
-        # Tensor parallelism shards the heads; its plan sets this to an all-reduce of the sum.
+        # Tensor parallelism shards the heads; its plan sets `reduce_heads` to an all-reduce of the
+        # head sum and `to_heads` (on the keys every local head reads) to a gradient all-reduce.
         self.reduce_heads = _identity
+        self.to_heads = _identity
 
     def forward(self, x_BTD: torch.Tensor, q_latent_BTC: torch.Tensor, layout: EntryLayout,
                 visible_BTE: torch.Tensor, q_cos: torch.Tensor, q_sin: torch.Tensor,
@@ -48,7 +50,7 @@ class Indexer(nn.Module):
         x, q_latent = x_BTD.detach().float(), q_latent_BTC.detach().float()
         if key_projections is None:
             key_projections = self.compressor.project(x)
-        keys_BED = self.compressor.pool(*key_projections, layout, entry_cos, entry_sin)
+        keys_BED = self.to_heads(self.compressor.pool(*key_projections, layout, entry_cos, entry_sin))
         q = (q_latent @ self.wq_b.weight.float().t()).unflatten(-1, (-1, self.head_dim))
         q = hadamard(apply_rope(q, q_cos[:, :, None], q_sin[:, :, None]))
         if self.fp4:

@@ -21,6 +21,10 @@ from .moe import MoE, balanced_tid2eid
 from .norm import RMSNorm
 
 
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
 def masked_cross_entropy(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy over labels != -100 (0 when there are none)."""
     labels = labels_BT.reshape(-1)
@@ -134,8 +138,10 @@ class V4Model(nn.Module):
         self.hc_head_fn = nn.Parameter(torch.empty(H, H * D))
         self.hc_head_base = nn.Parameter(torch.empty(H))
         self.hc_head_scale = nn.Parameter(torch.empty(1))
-        # Tensor parallelism swaps in a vocab-parallel cross-entropy here.
+        # Tensor parallelism swaps in a vocab-parallel cross-entropy here, and sets `to_vocab_shards`
+        # (on the head's input, read by every vocabulary shard) to a gradient all-reduce.
         self.cross_entropy = masked_cross_entropy
+        self.to_vocab_shards = _identity
         self.reset_parameters()
 
     # ------------------------------------------------------------------ init
@@ -293,7 +299,7 @@ class V4Model(nn.Module):
         """hc_head collapse -> RMSNorm, in fp32 (the head's input)."""
         h = hc_head_collapse(streams_BTHD, fn, base, scale, self.args.hc_eps, self.args.norm_eps,
                              self.args.hc_dynamic)
-        return norm(h).float()
+        return self.to_vocab_shards(norm(h).float())
 
     def _mtp_forward(self, streams_BTHD, input_ids, labels, doc_ids, positions, override_BTK, stats):
         """Position i (0..T-2) predicts token i+2 from the final streams at i and Emb(t_{i+1})."""

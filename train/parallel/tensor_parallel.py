@@ -7,7 +7,8 @@ run starts from exactly the single-device weights) and keeps the parameter name 
 megatron's layers run on CPU under gloo with `use_cpu_initialization=True` and
 `gradient_accumulation_fusion=False` (megatron-core 0.16.1 and 0.19.2).
 
-Replicated weights whose output feeds head- or vocab-sharded math get `replicate_grad_over_tp`:
+Replicated tensors read by head- or vocab-sharded math pass through `grad_sum_over_tp` (the model's
+`to_heads` / `to_vocab_shards` seams):
 identity forward, all-reduced gradient (what megatron's `copy_to_tensor_model_parallel_region`
 does, in comm.py because megatron's version drops the sum for non-contiguous gradients), so
 every tensor-parallel rank holds the same full gradient of the replicated weights.
@@ -108,18 +109,9 @@ def shard_parameter_rows(module: nn.Module, name: str, group: dist.ProcessGroup)
     setattr(module, name, shard)
 
 
-def replicate_grad_over_tp(module: nn.Module, group: dist.ProcessGroup, method: str = "forward") -> None:
-    """The output of `module.<method>` unchanged, its gradient all-reduced over the group.
-
-    `method` names the call the model makes: the attention calls its compressors' `pool` directly
-    (model/attention.py), which module hooks would not see; the wrapper is set on the instance.
-    """
-    original = getattr(module, method)
-
-    def with_grad_all_reduce(*args, **kwargs):
-        return all_reduce_grad(original(*args, **kwargs), group)
-
-    setattr(module, method, with_grad_all_reduce)
+def grad_sum_over_tp(group: dist.ProcessGroup):
+    """x -> x; its gradient is summed over the group (a replicated tensor read by every shard)."""
+    return partial(all_reduce_grad, group=group)
 
 
 def sum_over_tp(group: dist.ProcessGroup):

@@ -3,15 +3,14 @@
 Tensor parallel (heads, groups, vocabulary, expert width split over `dims.tp_group`):
 - attention: `wq_b` column-parallel (heads), `attn_sink` rows, `wo_a` row blocks (its o_groups
   groups, each consuming n_heads/o_groups heads), `wo_b` row-parallel (all-reduce). `wq_a`,
-  `q_norm`, `wkv`, `kv_norm` and the compressor stay replicated; `kv_norm` and the compressor's
-  `pool` (the attention calls it directly) all-reduce their output gradient, which the local
-  heads only partly produce;
+  `q_norm`, `wkv`, `kv_norm` and the compressor stay replicated; the model's `to_heads` seam
+  all-reduces the gradient of the KV and the compressed entries, which the local heads only
+  partly produce;
 - indexer (CSA): `wq_b` and `weights_proj` rows (indexer heads; the model reads their weights
-  directly), `reduce_heads` sums the per-head scores, its compressor's `pool` all-reduces its
-  output gradient; the attention's `reduce_heads` sums the detached head probabilities of the KL target;
+  directly), `reduce_heads` sums the per-head scores, `to_heads` all-reduces the keys' gradient; the attention's `reduce_heads` sums the detached head probabilities of the KL target;
 - shared expert: `w1`, `w3` column-parallel, `w2` row-parallel;
 - embedding: megatron's VocabParallelEmbedding; head: rows of the vocabulary (the model reads
-  `head.weight` directly) behind `norm`/`mtp.*.norm`, which all-reduce their output gradient;
+  `head.weight` directly); `to_vocab_shards` all-reduces the gradient of the head's input;
   `cross_entropy` becomes the vocab-parallel one. `ModelOutput.logits` is then this rank's
   vocabulary slice [B, T, V/tp].
 
@@ -25,7 +24,7 @@ from torch import nn
 
 from .dims import ParallelDims
 from .expert_parallel import shard_experts
-from .tensor_parallel import (VocabParallelCrossEntropyLoss, column_parallel, replicate_grad_over_tp,
+from .tensor_parallel import (VocabParallelCrossEntropyLoss, column_parallel, grad_sum_over_tp,
                               row_parallel, shard_parameter_rows, sum_over_tp,
                               vocab_parallel_embedding)
 
@@ -41,15 +40,13 @@ def apply_tensor_parallel(model: nn.Module, dims: ParallelDims) -> None:
         attn.wo_b = row_parallel(attn.wo_b, group)
         shard_parameter_rows(attn.wo_a, "weight", group)
         shard_parameter_rows(attn, "attn_sink", group)
-        replicate_grad_over_tp(attn.kv_norm, group)
+        attn.to_heads = grad_sum_over_tp(group)
         attn.reduce_heads = sum_over_tp(group)
-        if attn.compressor is not None:
-            replicate_grad_over_tp(attn.compressor, group, "pool")
         if attn.indexer is not None:
             indexer = attn.indexer
             shard_parameter_rows(indexer.wq_b, "weight", group)
             shard_parameter_rows(indexer.weights_proj, "weight", group)
-            replicate_grad_over_tp(indexer.compressor, group, "pool")
+            indexer.to_heads = grad_sum_over_tp(group)
             indexer.reduce_heads = sum_over_tp(group)
         shared = block.ffn.shared_experts
         if shared is not None:
@@ -58,8 +55,7 @@ def apply_tensor_parallel(model: nn.Module, dims: ParallelDims) -> None:
             shared.w2 = row_parallel(shared.w2, group)
     model.embed = vocab_parallel_embedding(model.embed, group)
     shard_parameter_rows(model.head, "weight", group)
-    for norm in [model.norm] + [block.norm for block in model.mtp]:
-        replicate_grad_over_tp(norm, group)
+    model.to_vocab_shards = grad_sum_over_tp(group)
     model.cross_entropy = VocabParallelCrossEntropyLoss(group)
 
 
