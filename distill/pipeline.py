@@ -82,7 +82,8 @@ def build_student(job: DistillJobConfig, checkpoint: Path, device) -> V4Model:
 
 def run(job: DistillJobConfig) -> dict:
     """Run the configured stages; returns the job summary (also written to summary.json)."""
-    from train.loop import pick_device, run as run_training
+    from train.context import pick_device
+    from train.loop import run as run_training
 
     validate(job)
     d = job.distill

@@ -114,9 +114,16 @@ def latest_valid_checkpoint(root: Path) -> Optional[Path]:
     return None
 
 
-def load_checkpoint(path: Path, parts: Optional[List[str]] = None) -> Dict[str, Any]:
-    """Verify and load the named parts (all by default) of a checkpoint directory."""
-    problem = verify_checkpoint(path)
+def latest_known_good(root: Path) -> Optional[Path]:
+    """The newest checkpoint tagged known good (the rollback target), or None."""
+    tagged = [p for p in list_checkpoints(root) if (p / KNOWN_GOOD).exists()]
+    return tagged[-1] if tagged else None
+
+
+def load_checkpoint(path: Path, parts: Optional[List[str]] = None, verify: bool = True) -> Dict[str, Any]:
+    """Load the named parts (all by default) of a checkpoint directory, verifying every file's
+    checksum first unless the caller verified this checkpoint already."""
+    problem = verify_checkpoint(path) if verify else None
     if problem is not None:
         raise ValueError(f"checkpoint {path} is not usable: {problem}; pick another checkpoint or "
                          "run.resume=auto to take the newest valid one")

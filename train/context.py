@@ -62,12 +62,20 @@ class RunContext:
         return box[0]
 
 
+def pick_device(name: str) -> torch.device:
+    """'cpu', 'cuda' or 'auto' (cuda when available) for one process."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("train.device=cuda but no CUDA device is visible; use train.device=cpu or auto")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
 def make_context(cfg: ParallelConfig, model_args, device_name: str) -> RunContext:
     """Single process when WORLD_SIZE is 1, else start torch.distributed and megatron's groups."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
         validate_layout(cfg, 1, model_args)
-        from train.loop import pick_device
         return RunContext(0, 1, 0, 1, pick_device(device_name))
     dims = init_parallel(cfg, model_args)
     return RunContext(dims.rank, dims.world_size, dims.dp_rank, dims.dp, dims.device, dims)

@@ -24,8 +24,8 @@ from omegaconf import OmegaConf
 
 from model import ModelArgs, V4Model
 from train.anticipatory import AnticipatoryRouting
-from train.checkpoint import (KNOWN_GOOD, latest_valid_checkpoint, list_checkpoints, load_checkpoint,
-                              prune_checkpoints, resolve_checkpoint, save_checkpoint, tag_known_good)
+from train.checkpoint import (latest_known_good, latest_valid_checkpoint, load_checkpoint, prune_checkpoints,
+                              resolve_checkpoint, save_checkpoint, tag_known_good)
 from train.config import Config, accumulation_steps, validate
 from train.context import RunContext, make_context
 from train.data import Data, build_data
@@ -106,15 +106,6 @@ def init_model_from(model: V4Model, path: Path) -> Path:
     path = resolve_checkpoint(Path(path), "run.init_from")
     load_model_weights(model, load_checkpoint(path, parts=["model"])["model"], f"run.init_from={path}")
     return path
-
-
-def pick_device(name: str) -> torch.device:
-    """'cpu', 'cuda' or 'auto' (cuda when available) for one process."""
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("train.device=cuda but no CUDA device is visible; use train.device=cpu or auto")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
 
 
 def layout_of(ctx: RunContext, cfg: Config) -> dict:
@@ -312,8 +303,10 @@ def run(cfg: Config) -> dict:
         return path
 
     def restore(path: Path, weights_loaded: bool) -> None:
+        """Optimizer, data position, trainer state (and the weights unless already loaded)."""
         nonlocal state
-        ckpt = load_checkpoint(path, parts=["model", "trainer", f"rank{ctx.rank:05d}"])
+        parts = ["trainer", f"rank{ctx.rank:05d}"] + ([] if weights_loaded else ["model"])
+        ckpt = load_checkpoint(path, parts=parts, verify=not weights_loaded)
         if not weights_loaded:
             if ctx.distributed:      # rollback: the optimizer's fp32 masters carry the weights back
                 params = {name for name, _ in module.named_parameters()}
@@ -403,10 +396,9 @@ def run(cfg: Config) -> dict:
                               severe=spike.severe)
             log.warning("step %d: %s spike: %s", step + 1, spike.metric, spike.message)
         action = spikes_cfg.action if spike is not None else None
-        known_good = [p for p in list_checkpoints(ckpt_root) if (p / KNOWN_GOOD).exists()]
-        if action == "rollback" and spike.severe and known_good:
+        target = latest_known_good(ckpt_root) if action == "rollback" and spike.severe else None
+        if target is not None:
             engine.skip_step()
-            target = known_good[-1]
             restore(target, weights_loaded=False)
             metrics.log_event(step + 1, "rollback", f"rolled back to {target.name} (step {state.step})",
                               to_step=state.step)
