@@ -114,10 +114,17 @@ def latest_valid_checkpoint(root: Path) -> Optional[Path]:
     return None
 
 
-def latest_known_good(root: Path) -> Optional[Path]:
-    """The newest checkpoint tagged known good (the rollback target), or None."""
-    tagged = [p for p in list_checkpoints(root) if (p / KNOWN_GOOD).exists()]
+def latest_known_good(root: Path, layout: Optional[dict] = None) -> Optional[Path]:
+    """The newest checkpoint tagged known good (the rollback target), or None; with `layout`,
+    only one written under that layout (a run resumed under a new layout skips the old ones)."""
+    tagged = [p for p in list_checkpoints(root) if (p / KNOWN_GOOD).exists()
+              and (layout is None or checkpoint_meta(p).get("layout") == layout)]
     return tagged[-1] if tagged else None
+
+
+def checkpoint_meta(path: Path) -> dict:
+    """The meta dict a checkpoint was saved with (layout, config), from its manifest."""
+    return json.loads((Path(path) / MANIFEST).read_text()).get("meta", {})
 
 
 def load_checkpoint(path: Path, parts: Optional[List[str]] = None, verify: bool = True) -> Dict[str, Any]:

@@ -6,10 +6,13 @@ skip_step / set_lr / state_dict), so the loop does not care which one it drives.
 
 from __future__ import annotations
 
+from typing import Dict
+
 import torch
 from torch import nn
 
 from train.optim import OptimConfig, build_optimizer
+from train.universal import FP32, ParamState, local_entry, optimizer_param_names, optimizer_state
 
 
 class LocalEngine:
@@ -52,3 +55,19 @@ class LocalEngine:
 
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state)
+
+    def shard_record(self) -> dict:
+        """What train.universal needs to read this engine's state_dict: the parameter names in
+        the optimizer's order."""
+        name_of = {id(p): name for name, p in self.model.named_parameters()}
+        return {"kind": "local", "names": optimizer_param_names(self.optimizer, name_of)}
+
+    @torch.no_grad()
+    def load_universal(self, params: Dict[str, ParamState]) -> None:
+        """Weights and optimizer state from a universal checkpoint (train.universal), any source layout."""
+        name_of = {id(p): name for name, p in self.model.named_parameters()}
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                entry = local_entry(params, name_of[id(p)], p.shape)
+                p.copy_(entry[FP32])
+                self.optimizer.state[p] = optimizer_state(entry, p.device)

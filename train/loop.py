@@ -24,8 +24,8 @@ from omegaconf import OmegaConf
 
 from model import ModelArgs, V4Model
 from train.anticipatory import AnticipatoryRouting
-from train.checkpoint import (latest_known_good, latest_valid_checkpoint, load_checkpoint, prune_checkpoints,
-                              resolve_checkpoint, save_checkpoint, tag_known_good)
+from train.checkpoint import (checkpoint_meta, latest_known_good, latest_valid_checkpoint, load_checkpoint,
+                              prune_checkpoints, resolve_checkpoint, save_checkpoint, tag_known_good)
 from train.config import Config, accumulation_steps, validate
 from train.context import RunContext, make_context
 from train.data import Data, build_data
@@ -35,6 +35,7 @@ from train.optim import lr_at
 from train.rundir import default_run_dir, prepare_run_dir, write_run_record
 from train.spikes import SpikeDetector
 from train.summary import print_summary
+from train.universal import UNIVERSAL, universal_dir
 
 log = logging.getLogger("train")
 
@@ -106,6 +107,29 @@ def init_model_from(model: V4Model, path: Path) -> Path:
     path = resolve_checkpoint(Path(path), "run.init_from")
     load_model_weights(model, load_checkpoint(path, parts=["model"])["model"], f"run.init_from={path}")
     return path
+
+
+def resume_target(cfg: Config, ctx: RunContext) -> Optional[Path]:
+    """The checkpoint this run continues (after `prepare_run`), checked against the layout."""
+    if cfg.run.resume == "never":
+        return None
+    if cfg.run.resume == "auto":
+        path = latest_valid_checkpoint(Path(cfg.run.dir) / "checkpoints")
+    else:
+        path = resolve_checkpoint(Path(cfg.run.resume), "run.resume")
+    if path is not None:
+        check_resume_layout(path, checkpoint_meta(path).get("layout"), layout_of(ctx, cfg))
+    return path
+
+
+def check_resume_layout(path: Path, saved: Optional[dict], current: dict) -> None:
+    """A checkpoint resumes under the layout that wrote it, or from its universal form under any."""
+    if saved in (None, UNIVERSAL) or saved == current:
+        return
+    converted = universal_dir(path) / path.name
+    raise ValueError(f"checkpoint {path} was written under layout {saved}, this run is {current}; convert it "
+                     f"once with `python -m train.universal {path}` (v4-reshard) and resume with "
+                     f"run.resume={converted}, or start from its weights only with run.init_from={path}")
 
 
 def layout_of(ctx: RunContext, cfg: Config) -> dict:
@@ -236,8 +260,6 @@ def prepare_run(cfg: Config, ctx: RunContext) -> Path:
     if error:
         raise ValueError(error)
     setup_logging(run_dir, ctx.rank)
-    if ctx.is_main:
-        write_run_record(run_dir, cfg)
     return run_dir
 
 
@@ -247,6 +269,9 @@ def run(cfg: Config) -> dict:
     validate(cfg, ctx.world_size)
     spikes_cfg = cfg.train.spikes
     run_dir = prepare_run(cfg, ctx)
+    resume_path = resume_target(cfg, ctx)       # refused before the run record is rewritten
+    if ctx.is_main:
+        write_run_record(run_dir, cfg)
     log.info("run directory %s; %d process(es), layout %s", run_dir, ctx.world_size, layout_of(ctx, cfg))
     ckpt_root = run_dir / "checkpoints"
 
@@ -260,20 +285,10 @@ def run(cfg: Config) -> dict:
     log.info("model: %.3fM parameters (%.3fM active per token, MTP excluded)",
              model.num_parameters() / 1e6, model.num_parameters(active=True) / 1e6)
     flops_token = flops_per_token(model, cfg.train.seq_len)
-    resume_path = None
-    if cfg.run.resume != "never":
-        resume_path = (latest_valid_checkpoint(ckpt_root) if cfg.run.resume == "auto"
-                       else resolve_checkpoint(Path(cfg.run.resume), "run.resume"))
     if resume_path is None and cfg.run.init_from:
         log.info("model weights initialized from %s", init_model_from(model, Path(cfg.run.init_from)))
     if resume_path is not None:          # full weights go in before sharding
-        ckpt = load_checkpoint(resume_path, parts=["model"])
-        saved_layout = ckpt["_meta"].get("layout")
-        if saved_layout and saved_layout != layout_of(ctx, cfg):
-            raise ValueError(f"checkpoint {resume_path} was written under layout {saved_layout}, this run is "
-                             f"{layout_of(ctx, cfg)}; resume with the same layout, or start from its weights "
-                             f"with run.init_from={resume_path} (optimizer state restarts)")
-        load_model_weights(model, ckpt["model"], f"checkpoint {resume_path}")
+        load_model_weights(model, load_checkpoint(resume_path, parts=["model"])["model"], f"checkpoint {resume_path}")
     engine = build_engine(model, cfg, ctx, accum)
     module = engine.model if not ctx.distributed else engine.module
     state = TrainerState()
@@ -285,8 +300,8 @@ def run(cfg: Config) -> dict:
 
     def save(step: int) -> Path:
         weights = full_model_state(engine, ctx)
-        parts = {f"rank{ctx.rank:05d}": {"optimizer": engine.state_dict(), "routing": routing.state_dict(),
-                                         "rng_cpu": torch.get_rng_state()}}
+        parts = {f"rank{ctx.rank:05d}": {"optimizer": engine.state_dict(), "shards": engine.shard_record(),
+                                         "routing": routing.state_dict(), "rng_cpu": torch.get_rng_state()}}
         if ctx.is_main:
             parts["model"] = weights
             parts["trainer"] = {"state": vars(state).copy(), "loader": data.train.state_dict(),
@@ -305,7 +320,9 @@ def run(cfg: Config) -> dict:
     def restore(path: Path, weights_loaded: bool) -> None:
         """Optimizer, data position, trainer state (and the weights unless already loaded)."""
         nonlocal state
-        parts = ["trainer", f"rank{ctx.rank:05d}"] + ([] if weights_loaded else ["model"])
+        universal = checkpoint_meta(path).get("layout") == UNIVERSAL
+        own_part = UNIVERSAL if universal else f"rank{ctx.rank:05d}"
+        parts = ["trainer", own_part] + ([] if weights_loaded else ["model"])
         ckpt = load_checkpoint(path, parts=parts, verify=not weights_loaded)
         if not weights_loaded:
             if ctx.distributed:      # rollback: the optimizer's fp32 masters carry the weights back
@@ -314,10 +331,17 @@ def run(cfg: Config) -> dict:
                                        strict=False)
             else:
                 module.load_state_dict(ckpt["model"])
-        own = ckpt[f"rank{ctx.rank:05d}"]
-        engine.load_state_dict(own["optimizer"])
+        own = ckpt[own_part]
+        if universal:
+            engine.load_universal(own["params"])
+        else:
+            engine.load_state_dict(own["optimizer"])
         routing.load_state_dict(own["routing"])
         torch.set_rng_state(own["rng_cpu"])
+        if universal and routing.active(ckpt["trainer"]["state"]["step"]):
+            log.warning("anticipatory routing is on until step %d: its cached routing of future batches "
+                        "belongs to the old layout and is recomputed from the current parameters",
+                        routing.active_until)
         data.train.load_state_dict(ckpt["trainer"]["loader"])
         state = TrainerState(**ckpt["trainer"]["state"])
         detector.load_state_dict(ckpt["trainer"]["spikes"])
@@ -396,7 +420,7 @@ def run(cfg: Config) -> dict:
                               severe=spike.severe)
             log.warning("step %d: %s spike: %s", step + 1, spike.metric, spike.message)
         action = spikes_cfg.action if spike is not None else None
-        target = latest_known_good(ckpt_root) if action == "rollback" and spike.severe else None
+        target = latest_known_good(ckpt_root, layout_of(ctx, cfg)) if action == "rollback" and spike.severe else None
         if target is not None:
             engine.skip_step()
             restore(target, weights_loaded=False)

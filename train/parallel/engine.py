@@ -27,6 +27,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from train.universal import FP32, ParamState, local_entry, optimizer_param_names, optimizer_state
+
 from .dims import ParallelDims
 from .expert_parallel import is_expert_param
 from .mpu import MegatronMpu
@@ -91,6 +93,7 @@ class ExpertStep:
     def __init__(self, named_params: NamedParams, dims: ParallelDims,
                  optimizer_fn: Callable[[NamedParams], torch.optim.Optimizer]):
         self.dims = dims
+        self.names = [name for name, _ in named_params]
         self.params = [p for _, p in named_params]
         self.masters = [p if p.dtype == torch.float32 else nn.Parameter(p.detach().float().clone())
                         for p in self.params]
@@ -286,6 +289,71 @@ class ParallelEngine:
                     master.copy_(saved)
                     if master is not p:
                         p.copy_(master)
+
+    def _tensor_parallel_dim(self, p: nn.Parameter) -> Optional[int]:
+        return p.partition_dim if self.dims.tp > 1 and getattr(p, "tensor_model_parallel", False) else None
+
+    def _dense_params(self):
+        return [(name, p) for name, p in self.module.named_parameters()
+                if p.requires_grad and not is_expert_param(p)]
+
+    def shard_record(self) -> dict:
+        """Where this rank's pieces of every parameter live, for train.universal: its coordinates,
+        each dense parameter's ZeRO fragment (DeepSpeed's `_hp_mapping`: group, offset in the
+        flattened local parameter and in the flat partition) and tensor-parallel dim, and the
+        expert names in master and optimizer order."""
+        dims = self.dims
+        dense = []
+        for name, p in self._dense_params():
+            mapping = getattr(p, "_hp_mapping", None)
+            entry = {"name": name, "shape": list(p.shape), "partition_dim": self._tensor_parallel_dim(p),
+                     "group": 0, "lp_start": 0, "hp_start": 0, "numel": 0}
+            if mapping is not None:
+                entry.update(group=mapping.param_group_index, lp_start=mapping.lp_fragment_address.start,
+                             hp_start=mapping.hp_fragment_address.start, numel=mapping.lp_fragment_address.numel)
+            dense.append(entry)
+        experts = None
+        if self.experts is not None:
+            name_of = {id(m): name for name, m in zip(self.experts.names, self.experts.masters)}
+            experts = {"master_order": list(self.experts.names),
+                       "optimizer_order": optimizer_param_names(self.experts.optimizer, name_of)}
+        return {"kind": "parallel", "tp": dims.tp, "tp_rank": dims.tp_rank, "dp": dims.dp,
+                "dp_rank": dims.dp_rank, "ep": dims.ep, "ep_rank": dims.ep_rank, "dense": dense,
+                "experts": experts}
+
+    @torch.no_grad()
+    def load_universal(self, params: Dict[str, ParamState]) -> None:
+        """Weights and optimizer state from a universal checkpoint (train.universal) written under
+        any layout: each dense parameter's tensor-parallel slice goes into its ZeRO fragment (fp32
+        master and every state key), each expert stack's expert-parallel slice into the masters."""
+        dims, zero = self.dims, self._zero
+        for name, p in self._dense_params():
+            dim = self._tensor_parallel_dim(p)
+            entry = local_entry(params, name, p.shape, [(dim, dims.tp, dims.tp_rank)] if dim is not None else [])
+            mapping = getattr(p, "_hp_mapping", None)
+            if mapping is None:
+                continue
+            flat = zero.single_partition_of_fp32_groups[mapping.param_group_index]
+            lp, hp = mapping.lp_fragment_address, mapping.hp_fragment_address
+            state = zero.optimizer.state[flat]
+            for key, value in entry.items():
+                if not torch.is_tensor(value):
+                    state[key] = torch.tensor(value, dtype=torch.float32, device=flat.device)
+                    continue
+                if key != FP32 and key not in state:
+                    state[key] = torch.zeros_like(flat)
+                target = flat if key == FP32 else state[key]
+                target.narrow(0, hp.start, hp.numel).copy_(value.reshape(-1).narrow(0, lp.start, lp.numel))
+        zero.update_lp_params()
+        if self.experts is None:
+            return
+        cut = [(0, dims.ep, dims.ep_rank)] if dims.ep > 1 else []
+        for name, p, master in zip(self.experts.names, self.experts.params, self.experts.masters):
+            entry = local_entry(params, name, p.shape, cut)
+            master.copy_(entry[FP32])
+            if master is not p:
+                p.copy_(master)
+            self.experts.optimizer.state[master] = optimizer_state(entry, master.device)
 
 
 def global_token_counts(local_counts: Dict[str, int], dims: ParallelDims) -> Dict[str, int]:
