@@ -127,16 +127,18 @@ def checkpoint_meta(path: Path) -> dict:
     return json.loads((Path(path) / MANIFEST).read_text()).get("meta", {})
 
 
-def load_checkpoint(path: Path, parts: Optional[List[str]] = None, verify: bool = True) -> Dict[str, Any]:
+def load_checkpoint(path: Path, parts: Optional[List[str]] = None, verify: bool = True,
+                    mmap: bool = False) -> Dict[str, Any]:
     """Load the named parts (all by default) of a checkpoint directory, verifying every file's
-    checksum first unless the caller verified this checkpoint already."""
+    checksum first unless the caller verified this checkpoint already. `mmap`: tensors stay in
+    the files (the page cache, shared by the ranks of a node) until read."""
     problem = verify_checkpoint(path) if verify else None
     if problem is not None:
         raise ValueError(f"checkpoint {path} is not usable: {problem}; pick another checkpoint or "
                          "run.resume=auto to take the newest valid one")
     manifest = json.loads((path / MANIFEST).read_text())
     names = parts or [Path(n).stem for n in manifest["files"]]
-    out = {name: torch.load(path / f"{name}.pt", map_location="cpu", weights_only=False) for name in names}
+    out = {name: torch.load(path / f"{name}.pt", map_location="cpu", weights_only=False, mmap=mmap) for name in names}
     out["_meta"] = manifest.get("meta", {})
     out["_step"] = manifest["step"]
     return out

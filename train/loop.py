@@ -323,7 +323,8 @@ def run(cfg: Config) -> dict:
         universal = checkpoint_meta(path).get("layout") == UNIVERSAL
         own_part = UNIVERSAL if universal else f"rank{ctx.rank:05d}"
         parts = ["trainer", own_part] + ([] if weights_loaded else ["model"])
-        ckpt = load_checkpoint(path, parts=parts, verify=not weights_loaded)
+        # every rank reads the whole universal part and keeps its slices
+        ckpt = load_checkpoint(path, parts=parts, verify=not weights_loaded, mmap=universal)
         if not weights_loaded:
             if ctx.distributed:      # rollback: the optimizer's fp32 masters carry the weights back
                 params = {name for name, _ in module.named_parameters()}
