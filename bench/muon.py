@@ -36,6 +36,10 @@ EXPERT_SHAPE, EXPERT_BATCH = (384, 1024), 1287  # h200_1b: 13 MoE layers × 32 e
 DEVICE = "cuda"
 PRESET = "h200_1b"
 KERNELS = ("torch", "triton")
+STEP_VARIANTS = [  # (ns_kernel, muon_elementwise, ns_cuda_graphs, overlap_adamw)
+    ("torch", "foreach", False, False), ("triton", "foreach", True, False), ("torch", "triton", True, False),
+    ("triton", "triton", True, False), ("triton", "triton", True, True), ("torch", "triton", True, True),
+]
 
 
 def use_cpu_smoke_settings() -> None:
@@ -45,6 +49,8 @@ def use_cpu_smoke_settings() -> None:
     BRIEF_PLAIN_MS = {shape: float("nan") for shape in NS_SHAPES}
     EXPERT_SHAPE, EXPERT_BATCH = (16, 48), 5
     DEVICE, PRESET, KERNELS = "cpu", "tiny", ("torch",)
+    global STEP_VARIANTS
+    STEP_VARIANTS = [("torch", "foreach", False, False)]
 
 
 def cuda_ms(fn, warmup: int = 2, iters: int = 7) -> float:
@@ -95,9 +101,10 @@ def deepspeed_ns_functions():
 def bench_newton_schulz(use_deepspeed: bool) -> list[dict]:
     rows = []
     ds_ns5, ds_gram = deepspeed_ns_functions() if use_deepspeed else (None, None)
-    for shape in NS_SHAPES:
+    for shape in NS_SHAPES + [(EXPERT_BATCH, *EXPERT_SHAPE)]:
         torch.manual_seed(0)
         G = torch.randn(shape, device=DEVICE, dtype=torch.bfloat16)
+        batch = shape[0] if len(shape) == 3 else 1
         variants = {
             "plain torch (textbook ops)": (lambda: plain_newton_schulz(G, dtype=torch.bfloat16), 10),
             "ours torch (fused epilogues)": (lambda: hybrid_newton_schulz(G, dtype=torch.bfloat16, kernel="torch"), 10),
@@ -105,7 +112,7 @@ def bench_newton_schulz(use_deepspeed: bool) -> list[dict]:
         if "triton" in KERNELS:
             variants["ours triton (symmetric tiles)"] = (
                 lambda: hybrid_newton_schulz(G, dtype=torch.bfloat16, kernel="triton"), 10)
-        if ds_ns5 is not None:
+        if ds_ns5 is not None and batch == 1:
             variants["deepspeed NS5 quintic (eager)"] = (lambda: ds_ns5(G, steps=5), 5)
             variants["deepspeed Gram NS5 fp16 (eager)"] = (lambda: ds_gram(G, steps=5), 5)
         plain_ms = None
@@ -117,11 +124,11 @@ def bench_newton_schulz(use_deepspeed: bool) -> list[dict]:
                 print(f"  NS {shape}: {name:<34} FAILED {error!r:.300}", flush=True)
                 continue
             lo, hi = singular_value_range(out)
-            ms = cuda_ms(fn, iters=5 if max(shape) > 10000 else 9)
+            ms = cuda_ms(fn, iters=5 if max(shape) > 10000 or batch > 1 else 9)
             plain_ms = ms if plain_ms is None else plain_ms
             rows.append(dict(shape=list(shape), variant=name, steps=steps, ms=ms,
-                             tflops=ns_flops(shape, steps) / ms / 1e9, sv_min=lo, sv_max=hi,
-                             speedup_vs_plain=plain_ms / ms, brief_plain_ms=BRIEF_PLAIN_MS[shape]))
+                             tflops=batch * ns_flops(shape[-2:], steps) / ms / 1e9, sv_min=lo, sv_max=hi,
+                             speedup_vs_plain=plain_ms / ms, brief_plain_ms=BRIEF_PLAIN_MS.get(shape)))
             print(f"  NS {shape}: {name:<34} {ms:8.3f} ms  {rows[-1]['tflops']:6.0f} TFLOP/s  "
                   f"σ∈[{lo:.4f}, {hi:.4f}]  ×{rows[-1]['speedup_vs_plain']:.2f}", flush=True)
             del out
@@ -144,7 +151,7 @@ def bench_symmetric_products() -> list[dict]:
             "b·A+c·A² triton upper tiles": lambda: symmetric_gram(A, alpha=2.0315, beta=-4.775, addend=A),
         }
         for name, fn in products.items():
-            ms = cuda_ms(fn)
+            ms = cuda_ms(fn, iters=15)
             flops = 2.0 * batch * n * n * (m if "X·Xᵀ" in name else n)
             rows.append(dict(shape=[batch, n, m], product=name, ms=ms, tflops_full_count=flops / ms / 1e9))
             print(f"  {batch}×[{n}, {m}] {name:<30} {ms:8.3f} ms  {flops / ms / 1e9:6.0f} TFLOP/s (full count)",
@@ -186,23 +193,86 @@ def share_of_rank0(blocks: list[torch.Tensor], world: int) -> list[torch.Tensor]
     return shares
 
 
+def bench_fused_elementwise(optimizer) -> dict:
+    """The two fused passes of muon_elementwise="triton" alone, over the plan the last step used."""
+    from train.optim import bucketed_step
+    from train.optim.elementwise_kernel import apply_bucket_update, lookahead_into_bucket
+
+    (buckets,) = optimizer._bucket_plans.values()
+    params = optimizer._model_params["muon"]
+    momenta = [optimizer.state[p]["momentum_buffer"] for p in params]
+    addresses = bucketed_step.address_table(params, momenta)
+
+    def lookahead():
+        for bucket in buckets:
+            for launch in bucket.launches:
+                lookahead_into_bucket(addresses, launch, bucket.buffer, params[0], 0.95, True)
+
+    def update():
+        for bucket in buckets:
+            for launch in bucket.launches:
+                apply_bucket_update(addresses, launch, bucket.buffer, params[0], 1.0, 0.0)
+
+    def foreach_lookahead():
+        optimizer._lookahead(momenta, [p.grad for p in params], dict(momentum=0.95, nesterov=True))
+
+    numel = sum(p.numel() for p in params)
+    result = {}
+    for name, fn, bytes_per_value in (("lookahead", lookahead, 14), ("update", update, 10),
+                                      ("foreach_lookahead_only", foreach_lookahead, 32)):
+        ms = cuda_ms(fn, warmup=2, iters=7)
+        result[name] = dict(ms=ms, gb_per_s=bytes_per_value * numel / ms / 1e6)
+        print(f"    elementwise {name:<24} {ms:6.2f} ms  {result[name]['gb_per_s']:6.0f} GB/s "
+              f"({bytes_per_value} B/value counted)", flush=True)
+    return result
+
+
+def fused_step_parity(model, params) -> dict:
+    """Max |ΔW| after one step of the fused path (triton NS + elementwise) vs the foreach path (torch NS)."""
+    start = [p.detach().clone() for p in params]
+    finals, moved = {}, 0.0
+    for elementwise, kernel in (("foreach", "torch"), ("triton", "triton")):
+        with torch.no_grad():
+            for p, p0 in zip(params, start):
+                p.copy_(p0)
+        optimizer = build_optimizer(model, OptimConfig(ns_kernel=kernel, muon_elementwise=elementwise, lr=1e-3))
+        set_grads(params, seed=1)
+        optimizer.step()
+        muon_ids = {id(p) for p in optimizer._model_params["muon"]}
+        finals[elementwise] = [p.detach().clone() for p in params if id(p) in muon_ids]
+        moved = max((p - p0).abs().max().item() for p, p0 in zip(params, start) if id(p) in muon_ids)
+        del optimizer
+    with torch.no_grad():
+        for p, p0 in zip(params, start):
+            p.copy_(p0)
+    diff = max((a - b).abs().max().item() for a, b in zip(finals["foreach"], finals["triton"]))
+    print(f"  parity, one step, fused (triton NS + elementwise) vs foreach (torch NS): max |ΔW| {diff:.3g} "
+          f"(largest |update| {moved:.3g})", flush=True)
+    return dict(max_abs_diff=diff, max_update=moved)
+
+
 def bench_optimizer_step(use_deepspeed: bool) -> dict:
     out = {}
     model = h200_1b_model()
     params = list(model.parameters())
     out["params_total"] = sum(p.numel() for p in params)
-    for kernel in KERNELS:
-        for graphs in (False, True) if DEVICE == "cuda" else (False,):
-            cfg = OptimConfig(ns_kernel=kernel, ns_dtype="auto", ns_cuda_graphs=graphs)
-            optimizer = build_optimizer(model, cfg)
-            set_grads(params)
-            ms = cuda_ms(optimizer.step, warmup=2, iters=5)
-            tag = f"{kernel}{'_graphs' if graphs else ''}"
-            out[f"muon_step_ms_{tag}"] = ms
-            print(f"  {PRESET} Muon+AdamW step (ns_kernel={kernel}, cuda_graphs={graphs}): {ms:.2f} ms", flush=True)
-            grouping = optimizer.grouping
-            del optimizer
-            torch.cuda.empty_cache()
+    if DEVICE == "cuda":
+        out["parity"] = fused_step_parity(model, params)
+    for kernel, elementwise, graphs, overlap in STEP_VARIANTS:
+        cfg = OptimConfig(ns_kernel=kernel, ns_dtype="auto", ns_cuda_graphs=graphs, muon_elementwise=elementwise,
+                          overlap_adamw=overlap)
+        optimizer = build_optimizer(model, cfg)
+        set_grads(params)
+        ms = cuda_ms(optimizer.step, warmup=2, iters=7)
+        tag = f"{kernel}_{elementwise}{'_graphs' if graphs else ''}{'_overlap' if overlap else ''}"
+        out[f"muon_step_ms_{tag}"] = ms
+        print(f"  {PRESET} Muon+AdamW step (ns_kernel={kernel}, muon_elementwise={elementwise}, "
+              f"cuda_graphs={graphs}, overlap_adamw={overlap}): {ms:.2f} ms", flush=True)
+        grouping = optimizer.grouping
+        if elementwise == "triton" and DEVICE == "cuda" and (kernel, graphs, overlap) == ("triton", True, False):
+            out[f"elementwise_ms_{tag}"] = bench_fused_elementwise(optimizer)
+        del optimizer
+        torch.cuda.empty_cache()
     out["muon_params"] = sum(m.param.numel() for m in grouping.muon)
     out["muon_matrices"] = grouping.muon_matrix_count()
     out["adamw_params"] = sum(a.param.numel() for a in grouping.adamw)
@@ -211,7 +281,7 @@ def bench_optimizer_step(use_deepspeed: bool) -> dict:
     flops = sum(ns_flops(tuple(b.shape[-2:])) * b.shape[0] for b in blocks)
     out["ns_tflop_per_step"] = flops / 1e12
     for kernel in KERNELS:
-        for graphs in (False, True) if DEVICE == "cuda" else (False,):
+        for graphs in (False, True) if DEVICE == "cuda" and kernel != "torch" else (DEVICE == "cuda",):
             for world in (1, 2, 4, 8):
                 jobs = [[s] for s in share_of_rank0(blocks, world)]
                 cache = {} if graphs else None

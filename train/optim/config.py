@@ -38,6 +38,13 @@ class OptimConfig:
     """Newton–Schulz compute dtype: "auto" (bf16 on GPU, fp32 on CPU), "bfloat16" or "float32"."""
     ns_kernel: str = "torch"
     """Newton–Schulz implementation: "torch" (reference, any device) or "triton" (symmetric-product kernel, CUDA only)."""
+    muon_elementwise: str = "foreach"
+    """Memory-bound half of the Muon step: "foreach" (torch foreach ops, reference, any device) or "triton"
+    (fused momentum + look-ahead + cast into the NS buffers, fused decayed update; CUDA, plain parameters only,
+    other layouts fall back to "foreach"). See train.optim.bucketed_step."""
+    overlap_adamw: bool = False
+    """On CUDA, run the AdamW half of the step on a side stream once the Muon look-ahead is written, so its
+    memory-bound pass overlaps the compute-bound Newton–Schulz; the step ends when both have. Same results."""
     ns_cuda_graphs: bool = False
     """On CUDA, capture each step's Newton–Schulz (fixed shapes) in a CUDA graph and replay it: fewer launches,
     which matters once the work is shared over ranks (h200_1b, 8 ranks: 8.0 → 5.6 ms; 1 GPU: 39.0 vs 40.3 ms).
@@ -59,6 +66,8 @@ class OptimConfig:
             raise ValueError(f"OptimConfig.ns_dtype={self.ns_dtype!r}: use 'auto', 'bfloat16' or 'float32'")
         if self.ns_kernel not in ("torch", "triton"):
             raise ValueError(f"OptimConfig.ns_kernel={self.ns_kernel!r}: use 'torch' or 'triton'")
+        if self.muon_elementwise not in ("foreach", "triton"):
+            raise ValueError(f"OptimConfig.muon_elementwise={self.muon_elementwise!r}: use 'foreach' or 'triton'")
         if not 0.0 <= self.decay_start_fraction <= 1.0:
             raise ValueError(f"OptimConfig.decay_start_fraction={self.decay_start_fraction}: must lie in [0, 1]")
         if self.min_lr > self.lr:

@@ -19,17 +19,26 @@ Layouts the step handles:
   lives on the partition (sharded like Adam's state); the look-ahead fragments are summed over the ZeRO group
   into full matrices, orthogonalised (shared over that group), and each rank applies its fragment. DeepSpeed
   clips the raw gradients before calling step(), as a single process would. See train.optim.zero.
+
+Fast paths, each selected by OptimConfig and checked against the torch path by tests/optim: ns_kernel="triton"
+(symmetric Newton–Schulz products), muon_elementwise="triton" (plain parameters: fused momentum/look-ahead
+and update passes over shape buckets, train.optim.bucketed_step), ns_cuda_graphs, overlap_adamw (AdamW on a
+side stream while Newton–Schulz runs).
 """
 
+import logging
 import math
 
 import torch
 import torch.distributed as dist
 
+from train.optim import bucketed_step
 from train.optim.config import OptimConfig
 from train.optim.grouping import MuonTensor, ParamGrouping
 from train.optim.newton_schulz import resolve_ns_dtype
 from train.optim.orthogonalize import gather_tensor_parallel, local_tensor_parallel, orthogonalize_blocks
+
+logger = logging.getLogger(__name__)
 
 MUON_GROUP = "muon"
 ADAMW_DECAY_GROUP = "adamw_decay"
@@ -62,6 +71,11 @@ class Muon(torch.optim.Optimizer):
         self.expert_tp_group = expert_tp_group
         self._muon_meta: dict[int, MuonTensor] = {id(m.param): m for m in grouping.muon}
         self._ns_graphs: dict[int, dict] = {}  # one CUDA-graph cache per process group sharing the NS work
+        self._bucket_ns_graphs: dict[int, dict] = {}  # the same for the fused step, whose inputs are static
+        self._bucket_plans: dict[tuple, list[bucketed_step.Bucket]] = {}
+        self._fused_fallback_logged = False
+        self._side_stream: torch.cuda.Stream | None = None  # OptimConfig.overlap_adamw
+        self._start_adamw = None  # launches this step's AdamW half; set by step(), run once by _begin_adamw
 
         muon_groups = []
         if grouping.muon:
@@ -111,18 +125,35 @@ class Muon(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        adam_groups = []
+        adam_groups = [group for group in self.param_groups if group["kind"] != "muon"]
+        side_stream = None
+        if adam_groups and self.cfg.overlap_adamw and all(p.is_cuda for g in adam_groups for p in g["params"]):
+            side_stream = self._side_stream = self._side_stream or torch.cuda.Stream()
+        # Started by the first Muon step once its look-ahead is written (or below when none runs).
+        self._start_adamw = (lambda: self._adamw_step(adam_groups, side_stream)) if adam_groups else None
         for group in self.param_groups:
             if group["kind"] == "muon":
                 self._muon_step(group)
-            else:
-                adam_groups.append(group)
-        if adam_groups:
-            # DeepSpeed steps one group at a time and load_state_dict rebuilds groups and state: re-point each step.
-            self._adamw.param_groups = adam_groups
-            self._adamw.state = self.state
-            self._adamw.step()
+        self._begin_adamw()
+        if side_stream is not None:
+            torch.cuda.current_stream().wait_stream(side_stream)
         return loss
+
+    def _begin_adamw(self) -> None:
+        start, self._start_adamw = self._start_adamw, None
+        if start is not None:
+            start()
+
+    def _adamw_step(self, adam_groups: list[dict], side_stream: "torch.cuda.Stream | None") -> None:
+        # DeepSpeed steps one group at a time and load_state_dict rebuilds groups and state: re-point each step.
+        self._adamw.param_groups = adam_groups
+        self._adamw.state = self.state
+        if side_stream is None:
+            self._adamw.step()
+            return
+        side_stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side_stream):
+            self._adamw.step()
 
     def _muon_step(self, group: dict) -> None:
         params = group["params"]
@@ -154,14 +185,63 @@ class Muon(torch.optim.Optimizer):
     def _muon_step_params(self, group: dict, params: list[torch.nn.Parameter]) -> None:
         if not params:
             return
+        momenta = [self._momentum_buffer(p) for p in params]
+        if self.cfg.muon_elementwise == "triton":
+            reason = bucketed_step.unsupported_reason(params, momenta)
+            if reason is None:
+                self._muon_step_bucketed(group, params, momenta)
+                return
+            if not self._fused_fallback_logged:
+                logger.warning("muon_elementwise='triton' falls back to the foreach path: %s", reason)
+                self._fused_fallback_logged = True
         metas = [self._muon_meta[id(p)] for p in params]
-        lookaheads = self._lookahead([self._momentum_buffer(p) for p in params], [p.grad for p in params], group)
+        lookaheads = self._lookahead(momenta, [p.grad for p in params], group)
+        self._begin_adamw()
         updates = self._orthogonal_updates(metas, lookaheads, group["update_rms"])
         lr = group["lr"]
         if group["weight_decay"]:
             torch._foreach_mul_(params, 1.0 - lr * group["weight_decay"])
         for param, (update, scale) in zip(params, updates):
             param.add_(update, alpha=-lr * scale)
+
+    def _muon_step_bucketed(
+        self, group: dict, params: list[torch.nn.Parameter], momenta: list[torch.Tensor]
+    ) -> None:
+        """The foreach step's math with fused Triton passes over shape buckets (train.optim.bucketed_step)."""
+        from train.optim.elementwise_kernel import apply_bucket_update, lookahead_into_bucket
+
+        cfg = self.cfg
+        metas = [self._muon_meta[id(p)] for p in params]
+        dtype = resolve_ns_dtype(cfg.ns_dtype, params[0].device)
+        key = (tuple(id(p) for p in params), dtype)
+        buckets = self._bucket_plans.get(key)
+        if buckets is None:
+            groups = [self._ns_group(meta) for meta in metas]
+            buckets = self._bucket_plans[key] = bucketed_step.build_buckets(metas, groups, dtype)
+        addresses = bucketed_step.address_table(params, momenta)
+        for bucket in buckets:
+            for launch in bucket.launches:
+                lookahead_into_bucket(
+                    addresses, launch, bucket.buffer, params[0], group["momentum"], group["nesterov"]
+                )
+        self._begin_adamw()  # overlaps Newton–Schulz when OptimConfig.overlap_adamw is set
+
+        by_group: dict[int, list[bucketed_step.Bucket]] = {}
+        for bucket in buckets:
+            by_group.setdefault(id(bucket.group), []).append(bucket)
+        lr = group["lr"]
+        decay = 1.0 - lr * group["weight_decay"]
+        for members in by_group.values():
+            share_group = members[0].group
+            graphs = self._bucket_ns_graphs.setdefault(id(share_group), {}) if cfg.ns_cuda_graphs else None
+            outs = orthogonalize_blocks(
+                [b.buffer for b in members], dtype=dtype, kernel=cfg.ns_kernel, group=share_group,
+                graphs=graphs, static_inputs=True,
+            )
+            for bucket, out in zip(members, outs):
+                step = lr * bucket.update_scale(group["update_rms"])
+                for launch in bucket.launches:
+                    apply_bucket_update(addresses, launch, out, params[0], decay, step)
 
     def _muon_step_zero_partition(self, group: dict, flat: torch.Tensor, model_params: list) -> None:
         grad = flat.grad if flat.grad is not None else torch.zeros_like(flat)

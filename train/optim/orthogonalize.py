@@ -25,6 +25,7 @@ def orthogonalize_blocks(
     kernel: str = "torch",
     group: dist.ProcessGroup | None = None,
     graphs: dict | None = None,
+    static_inputs: bool = False,
 ) -> list[torch.Tensor]:
     """Hybrid-NS every matrix of `blocks` (each [batch_i, rows_i, cols_i], identical on all ranks of `group`).
 
@@ -33,6 +34,8 @@ def orthogonalize_blocks(
     graphs: a cache owned by the caller (one per call site) in which, on CUDA, the Newton–Schulz of each
     distinct set of bucket shapes is captured once as a CUDA graph and replayed on later calls. The returned
     tensors then live in the graph's static memory and are overwritten by the next call with the same shapes.
+    static_inputs: the blocks are wide, contiguous, in `dtype`, and keep their storage from call to call (the
+    fused step's bucket buffers): a CUDA graph then reads them in place instead of from a staging copy.
     """
     buckets: dict[tuple[int, int], list[int]] = defaultdict(list)
     for index, block in enumerate(blocks):
@@ -44,7 +47,7 @@ def orthogonalize_blocks(
     results: list[torch.Tensor | None] = [None] * len(blocks)
     if world == 1:
         jobs = [[_wide(blocks[i]) for i in indices] for indices in buckets.values()]
-        outputs = _newton_schulz_jobs(jobs, dtype, kernel, graphs)
+        outputs = _newton_schulz_jobs(jobs, dtype, kernel, graphs, static_inputs)
         for indices, out in zip(buckets.values(), outputs):
             _scatter_back(out, indices, blocks, results)
         return results
@@ -64,7 +67,7 @@ def orthogonalize_blocks(
         start, end = bounds[rank], bounds[rank + 1]
         if end > start:
             jobs.append(_matrix_range([_wide(blocks[i]) for i in indices], start, end))
-    send_parts = [out.reshape(-1) for out in _newton_schulz_jobs(jobs, dtype, kernel, graphs)]
+    send_parts = [out.reshape(-1) for out in _newton_schulz_jobs(jobs, dtype, kernel, graphs, static_inputs)]
 
     device = blocks[0].device
     width = max(payload_numel)
@@ -112,7 +115,11 @@ def _stack_into(buffer: torch.Tensor, pieces: list[torch.Tensor]) -> torch.Tenso
 
 
 def _newton_schulz_jobs(
-    jobs: list[list[torch.Tensor]], dtype: torch.dtype, kernel: str, graphs: dict | None
+    jobs: list[list[torch.Tensor]],
+    dtype: torch.dtype,
+    kernel: str,
+    graphs: dict | None,
+    static_inputs: bool = False,
 ) -> list[torch.Tensor]:
     """Hybrid NS of each job (a list of same-shape [b_i, n, m] pieces stacked into one batch)."""
     if not jobs:
@@ -131,9 +138,12 @@ def _newton_schulz_jobs(
     key = (dtype, kernel, tuple(shapes))
     entry = graphs.get(key)
     if entry is None:
-        static_in = [torch.empty(shape, dtype=dtype, device=device) for shape in shapes]
-        for buffer, job in zip(static_in, jobs):
-            _stack_into(buffer, job)
+        if static_inputs and all(len(job) == 1 and job[0].is_contiguous() and job[0].dtype == dtype for job in jobs):
+            static_in = [job[0] for job in jobs]
+        else:
+            static_in = [
+                _stack_into(torch.empty(shape, dtype=dtype, device=device), job) for shape, job in zip(shapes, jobs)
+            ]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up outside the capture: cuBLAS workspaces, Triton autotuning
@@ -146,7 +156,8 @@ def _newton_schulz_jobs(
         entry = graphs[key] = (graph, static_in, static_out)
     else:
         for buffer, job in zip(entry[1], jobs):
-            _stack_into(buffer, job)
+            if len(job) > 1 or job[0].data_ptr() != buffer.data_ptr():
+                _stack_into(buffer, job)
     entry[0].replay()
     return entry[2]
 
