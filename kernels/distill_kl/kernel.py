@@ -14,12 +14,16 @@ Gradient-in-forward with 4 head-sized GEMMs (spec §6 table), processed per chun
    `jsd_partials_kernel` adds the pass that needs both normalised distributions.
 3. `logit_grad_kernel` (TileLang, elementwise) turns the workspace into d loss / d logits in bf16,
    in place.
-4. cuBLAS (torch.mm) does `dH = G·W_s` and `dW_s += Gᵀ·H_s`: plain GEMMs that cuBLAS runs near the
-   matrix-unit ceiling; dW_s accumulates across chunks in the head's dtype (one rounding per chunk,
-   as Liger's default does).
+4. cuBLAS (torch.mm) does `dH = G·W_s` and `dW_s += Gᵀ·H_s` once per group of
+   `chunks_per_gemm` chunks: plain GEMMs that cuBLAS runs near the matrix-unit ceiling, and closer
+   to it the more rows they cover (3072 rather than 2048 rows: 5-9 % less time per row);
+   dW_s accumulates across groups in the head's dtype (one rounding per group, as Liger's default
+   does per chunk).
 
-The workspace is two fp16 [R, V] buffers; R is chosen from a byte budget so that peak memory does
-not grow with V (spec §11 case 3) apart from the [V, Ds] head gradient itself.
+The workspace is one fp16 [gemm rows + R, V] buffer: the student logits of each chunk of the
+group, each overwritten in place by its bf16 gradient, then the current chunk's teacher logits.
+Its size comes from a byte budget, so peak memory does not grow with V (spec §11 case 3) apart
+from the [V, Ds] head gradient itself.
 
 Shape legend: R rows of a chunk, V vocabulary (Vp: V rounded up to 8 for 16-byte TMA strides),
 Ds / Dt hidden widths, P vocabulary tiles of the kernels.
@@ -52,15 +56,20 @@ class DistillKLKernelConfig:
     """vocabulary rows per CTA; the partials and the fp16 workspace are per block_v tile"""
     block_k: int = 64
     """hidden-dimension step of the TMA/WGMMA pipeline"""
-    num_stages: int = 2
-    """pipeline depth; each stage holds 4 tiles of block×block_k bf16 (64 KiB at the defaults); on
-    the H200 2 stages ran at 644 TFLOP/s and 3 at 598 (bench/NOTES.md)"""
+    num_stages: int = 3
+    """pipeline depth; each stage holds 4 tiles of block×block_k bf16 (64 KiB at the defaults) behind
+    one barrier, so a stage is refilled only after both heads' MMAs on it: 3 stages ran at
+    580 TFLOP/s, 2 at 470 and block_k 32 with 4 / 6 stages at 530 / 520 (bench/NOTES.md)"""
     threads: int = 256
     """consumer threads; TileLang adds one producer warpgroup on sm_90"""
     elementwise_block_m: int = 64
     """token rows per CTA of the gradient and JSD kernels"""
     workspace_bytes: int = 1 << 30
-    """budget for the two fp16 [R, V] buffers; sets the chunk size R (a multiple of block_m)"""
+    """budget for the fp16 [rows, V] workspace; sets the chunk size (a multiple of block_m)"""
+    chunks_per_gemm: int = 3
+    """logits chunks whose bf16 gradients share one dH and one dW_s GEMM. The workspace holds
+    their gradients plus one chunk's teacher logits, so a chunk gets 1/(chunks_per_gemm + 1) of
+    it: 3 gives 1024-row chunks and 3072-row GEMMs at V = 129,280 (1 gives 2048 and 2048)"""
 
 
 @tilelang.jit(pass_configs=PASS_CONFIGS)
@@ -84,10 +93,10 @@ def logits_partials_kernel(block_m: int, block_v: int, block_k: int, num_stages:
         # Row blocks vary fastest, so the CTAs in flight share a few head tiles through L2 and
         # each head row is read from HBM once per chunk.
         with T.Kernel(T.ceildiv(rows, block_m), n_tiles, threads=threads) as (bm, bv):
-            hs_tile = T.alloc_shared((block_m, block_k), bf16)
-            ws_tile = T.alloc_shared((block_v, block_k), bf16)
-            ht_tile = T.alloc_shared((block_m, block_k), bf16)
-            wt_tile = T.alloc_shared((block_v, block_k), bf16)
+            # Student rows on top, teacher rows below: one buffer per operand means one barrier per
+            # pipeline stage, released only after the wait that ends both heads' MMAs.
+            hidden_tile = T.alloc_shared((2 * block_m, block_k), bf16)
+            head_tile = T.alloc_shared((2 * block_v, block_k), bf16)
             rel_out = T.alloc_shared((block_m, block_v), f16)
             zs = T.alloc_fragment((block_m, block_v), f32)
             zt = T.alloc_fragment((block_m, block_v), f32)
@@ -104,13 +113,16 @@ def logits_partials_kernel(block_m: int, block_v: int, block_k: int, num_stages:
             T.clear(zt)
             # One K loop feeds both heads so TileLang warp-specialises it (a second loop would
             # not be); with d_s != d_t the shorter operand is zero-filled by TMA past its width.
+            # The student MMAs are issued without a wait and the teacher gemm's wait covers both,
+            # so the tensor cores drain once per K step instead of twice.
             for k in T.Pipelined(T.ceildiv(T.max(d_s, d_t), block_k), num_stages=num_stages):
-                T.copy(student_hidden[bm * block_m, k * block_k], hs_tile)
-                T.copy(student_head[bv * block_v, k * block_k], ws_tile)
-                T.copy(teacher_hidden[bm * block_m, k * block_k], ht_tile)
-                T.copy(teacher_head[bv * block_v, k * block_k], wt_tile)
-                T.gemm(hs_tile, ws_tile, zs, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
-                T.gemm(ht_tile, wt_tile, zt, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
+                k0 = k * block_k
+                T.copy(student_hidden[bm * block_m : (bm + 1) * block_m, k0 : k0 + block_k], hidden_tile[0:block_m, :])
+                T.copy(teacher_hidden[bm * block_m : (bm + 1) * block_m, k0 : k0 + block_k], hidden_tile[block_m : 2 * block_m, :])
+                T.copy(student_head[bv * block_v : (bv + 1) * block_v, k0 : k0 + block_k], head_tile[0:block_v, :])
+                T.copy(teacher_head[bv * block_v : (bv + 1) * block_v, k0 : k0 + block_k], head_tile[block_v : 2 * block_v, :])
+                T.wgmma_gemm(hidden_tile[0:block_m, :], head_tile[0:block_v, :], zs, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
+                T.gemm(hidden_tile[block_m : 2 * block_m, :], head_tile[block_v : 2 * block_v, :], zt, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
 
             # Temper; vocabulary columns past V (ragged last tile) drop out of every max and sum.
             for i, j in T.Parallel(block_m, block_v):
@@ -386,10 +398,16 @@ def jsd_partials_kernel(beta: float, vocab: int, vocab_pad: int, block_m: int, b
     return jsd_partials
 
 
-def chunk_rows_for(vocab_pad: int, config: DistillKLKernelConfig) -> int:
-    """Rows per chunk so that the two fp16 [R, Vp] buffers fit `workspace_bytes`."""
-    rows = config.workspace_bytes // (4 * vocab_pad)
-    return max(config.block_m, rows // config.block_m * config.block_m)
+def chunk_rows_for(vocab_pad: int, config: DistillKLKernelConfig, n_rows: int) -> tuple[int, int]:
+    """(rows per logits chunk, rows per gradient GEMM) for `n_rows` rows, so that the fp16
+    [gemm + chunk, Vp] workspace fits `workspace_bytes`; multiples of block_m."""
+    block = config.block_m
+    workspace_rows = config.workspace_bytes // (2 * vocab_pad) // block * block
+    chunk = max(block, workspace_rows // (config.chunks_per_gemm + 1) // block * block)
+    needed = -(-max(n_rows, 1) // block) * block
+    gemm_rows = min(chunk * config.chunks_per_gemm, needed)
+    # When one GEMM covers every row, the chunk takes the rest of the budget (fewer launches).
+    return min(max(chunk, workspace_rows - gemm_rows), gemm_rows), gemm_rows
 
 
 def distill_kl_tilelang(
@@ -433,63 +451,73 @@ def distill_kl_tilelang(
     groups = teacher_row_groups(teacher_ids, mask, n_rows, device)
     n_valid = sum(n_rows if rows is None else rows.numel() for _, rows in groups)
     row_weight = 1.0 / max(n_valid, 1) if reduction == "mean" else 1.0
-    chunk = min(chunk_rows_for(vocab_pad, c), -(-max(n_valid, 1) // c.block_m) * c.block_m)
-    student_rel_buf = torch.empty(chunk, vocab_pad, dtype=torch.float16, device=device)
-    teacher_rel_buf = torch.empty_like(student_rel_buf)
+    chunk, gemm_rows = chunk_rows_for(vocab_pad, c, n_valid)
+    # Rows [0, gemm_rows): the student logits of each chunk, overwritten in place by its bf16
+    # gradient; rows [gemm_rows, gemm_rows + chunk): the current chunk's teacher logits.
+    workspace = torch.empty(gemm_rows + chunk, vocab_pad, dtype=torch.float16, device=device)
+    teacher_rel_buf = workspace[gemm_rows:]
 
     for teacher, group_rows in groups:
         head_t = teacher_heads[teacher]
         n_group = n_rows if group_rows is None else group_rows.numel()
-        for start in range(0, n_group, chunk):
+        for gemm_start in range(0, n_group, gemm_rows):
+            gemm_stop = min(gemm_start + gemm_rows, n_group)
             if group_rows is None:  # every row, in order: contiguous slices, no gather or scatter
-                rows = slice(start, min(start + chunk, n_rows))
-                hs = student_hidden[rows]
-                ht = teacher_hidden[rows]
+                gemm_sel = slice(gemm_start, gemm_stop)
+                hs_gemm = student_hidden[gemm_sel]
+                ht_gemm = teacher_hidden[gemm_sel]
             else:
-                rows = group_rows[start : start + chunk]
-                hs = student_hidden.index_select(0, rows)
-                ht = teacher_hidden.index_select(0, rows)
-            r = hs.shape[0]
-            student_rel = student_rel_buf[:r]
-            teacher_rel = teacher_rel_buf[:r]
-            partials = torch.empty(n_tiles, N_PARTIALS, r, dtype=torch.float32, device=device)
-            row_stats = torch.empty(N_ROW_STATS, r, dtype=torch.float32, device=device)
-            logits_kernel(hs, student_head, ht, head_t, inv_tau, student_rel, teacher_rel, partials)
-            combine_kernel(partials, row_stats)
-            lse_s, _, reverse_kl, forward_kl, row_entropy = row_stats
-            entropy[rows] = row_entropy
-            if target_ids is not None:
-                target_rows = student_head.index_select(0, target_ids[rows])
-                target_logits = torch.linalg.vecdot(hs.float(), target_rows.float()) * inv_tau
-                target_logprob[rows] = target_logits - lse_s
+                gemm_sel = group_rows[gemm_start:gemm_stop]
+                hs_gemm = student_hidden.index_select(0, gemm_sel)
+                ht_gemm = teacher_hidden.index_select(0, gemm_sel)
+            for offset in range(0, gemm_stop - gemm_start, chunk):
+                hs = hs_gemm[offset : offset + chunk]
+                ht = ht_gemm[offset : offset + chunk]
+                r = hs.shape[0]
+                if group_rows is None:
+                    rows = slice(gemm_start + offset, gemm_start + offset + r)
+                else:
+                    rows = gemm_sel[offset : offset + r]
+                student_rel = workspace[offset : offset + r]
+                teacher_rel = teacher_rel_buf[:r]
+                partials = torch.empty(n_tiles, N_PARTIALS, r, dtype=torch.float32, device=device)
+                row_stats = torch.empty(N_ROW_STATS, r, dtype=torch.float32, device=device)
+                logits_kernel(hs, student_head, ht, head_t, inv_tau, student_rel, teacher_rel, partials)
+                combine_kernel(partials, row_stats)
+                lse_s, _, reverse_kl, forward_kl, row_entropy = row_stats
+                entropy[rows] = row_entropy
+                if target_ids is not None:
+                    target_rows = student_head.index_select(0, target_ids[rows])
+                    target_logits = torch.linalg.vecdot(hs.float(), target_rows.float()) * inv_tau
+                    target_logprob[rows] = target_logits - lse_s
 
-            if kind == "reverse":
-                row_loss = grad_term = reverse_kl
-            elif kind == "forward":
-                row_loss = grad_term = forward_kl
-            else:
-                jsd_sums = torch.empty(n_tiles, 2, r, dtype=torch.float32, device=device)
-                jsd_kernel(student_rel, teacher_rel, partials, row_stats, jsd_sums)
-                kl_p_m, kl_q_m = jsd_sums.sum(0)
-                row_loss, grad_term = beta * kl_q_m + (1.0 - beta) * kl_p_m, kl_p_m
-            per_token_kl[rows] = row_loss
+                if kind == "reverse":
+                    row_loss = grad_term = reverse_kl
+                elif kind == "forward":
+                    row_loss = grad_term = forward_kl
+                else:
+                    jsd_sums = torch.empty(n_tiles, 2, r, dtype=torch.float32, device=device)
+                    jsd_kernel(student_rel, teacher_rel, partials, row_stats, jsd_sums)
+                    kl_p_m, kl_q_m = jsd_sums.sum(0)
+                    row_loss, grad_term = beta * kl_q_m + (1.0 - beta) * kl_p_m, kl_p_m
+                per_token_kl[rows] = row_loss
+                if grad_kernel is not None:
+                    grad_kernel(student_rel, teacher_rel, partials, row_stats, grad_term, row_weight * inv_tau, student_rel.view(torch.bfloat16))
 
             if grad_kernel is None:
                 continue
-            grad_buf = student_rel.view(torch.bfloat16)
-            grad_kernel(student_rel, teacher_rel, partials, row_stats, grad_term, row_weight * inv_tau, grad_buf)
-            grad_logits = grad_buf[:, :vocab]
-            if grad_hidden:
-                if group_rows is None:
-                    torch.mm(grad_logits, student_head, out=d_hidden[rows])
-                else:
-                    d_hidden.index_copy_(0, rows, grad_logits @ student_head)
+            grad_logits = workspace[: gemm_stop - gemm_start].view(torch.bfloat16)[:, :vocab]
             if grad_head:
                 if head_written:
-                    d_head.addmm_(grad_logits.T, hs)
+                    d_head.addmm_(grad_logits.T, hs_gemm)
                 else:
-                    torch.mm(grad_logits.T, hs, out=d_head)
+                    torch.mm(grad_logits.T, hs_gemm, out=d_head)
                     head_written = True
+            if grad_hidden:
+                if group_rows is None:
+                    torch.mm(grad_logits, student_head, out=d_hidden[gemm_sel])
+                else:
+                    d_hidden.index_copy_(0, gemm_sel, grad_logits @ student_head)
 
     if grad_head and not head_written:
         d_head.zero_()
