@@ -10,6 +10,7 @@ prompts is measured before the first and after the last step (and every `eval_ev
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import time
 from pathlib import Path
@@ -23,8 +24,9 @@ from distill.loss import OPDLossOutput, opd_loss, resolve_impl
 from distill.rollout import PromptSets, RolloutBatch, rollout
 from distill.teachers import StageTimes, TeacherPool
 from model import V4Model
-from train.checkpoint import save_checkpoint
+from train.checkpoint import load_checkpoint, save_checkpoint
 from train.engine import LocalEngine
+from train.loop import StopRequest
 from train.metrics import MetricsLogger
 from train.optim import lr_at
 
@@ -85,8 +87,12 @@ def evaluate_kl(student: V4Model, pool: TeacherPool, prompts: PromptSets, job: D
 
 
 def run_opd(job: DistillJobConfig, student: V4Model, pool: TeacherPool, prompts: PromptSets, tokenizer,
-            device: torch.device, run_dir: Path) -> dict:
-    """Distil the pool's teachers into `student` (trained in place); returns the stage summary."""
+            device: torch.device, run_dir: Path, resume_from: Optional[Path] = None) -> dict:
+    """Distil the pool's teachers into `student` (trained in place); returns the stage summary.
+
+    resume_from: an OPD checkpoint of this run to continue from (student, optimizer, sampling
+    generator, prompt order, evaluations so far); the continued run takes the same steps as an
+    uninterrupted one. SIGTERM/SIGINT save a checkpoint after the current step and stop."""
     opd = job.distill.opd
     optim = dataclasses.replace(job.optim, lr=opd.lr if opd.lr is not None else job.optim.lr,
                                 warmup_steps=opd.warmup_steps if opd.warmup_steps is not None else job.optim.warmup_steps)
@@ -96,7 +102,7 @@ def run_opd(job: DistillJobConfig, student: V4Model, pool: TeacherPool, prompts:
     seed = job.run.seed
     generator = torch.Generator(device=device).manual_seed(seed)
     metrics = MetricsLogger(run_dir, job.logging, f"{job.run.name}-opd",
-                            OmegaConf.to_container(OmegaConf.structured(job)))
+                            OmegaConf.to_container(OmegaConf.structured(job)), resume=resume_from is not None)
     log.info("OPD: %d teachers %s, loss %s (impl %s), %d steps, %d prompts per teacher per step", len(pool),
              pool.names, opd.loss.kind, impl, opd.steps, opd.rollout.prompts_per_teacher)
 
@@ -106,21 +112,43 @@ def run_opd(job: DistillJobConfig, student: V4Model, pool: TeacherPool, prompts:
         log.info("step %d eval KL(student||teacher) %s", step, {k: round(v, 4) for k, v in kl.items()})
         return kl
 
-    def save(step: int) -> Path:
-        return save_checkpoint(run_dir / "checkpoints", step, {"model": student.state_dict()},
-                               meta={"config": OmegaConf.to_container(OmegaConf.structured(job))})
+    totals = {"rollout_s": 0.0, "teacher_s": 0.0, "loss_s": 0.0, "sampled_tokens": 0, "teacher_tokens": 0,
+              "loss_tokens": 0}
+    progress_state = {"eval_history": {}, "totals": totals, "train_kl_first": None}
 
+    def save(step: int) -> Path:
+        # "model" alone is the student's weights (usable as run.init_from or distill.student)
+        return save_checkpoint(run_dir / "checkpoints", step, {"model": student.state_dict(), "opd": {
+            "optimizer": engine.state_dict(), "generator": generator.get_state(), "prompts": prompts.state_dict(),
+            "rng_cpu": torch.get_rng_state(), **progress_state}},
+            meta={"config": OmegaConf.to_container(OmegaConf.structured(job))})
+
+    start = 0
+    if resume_from is not None:
+        ckpt = load_checkpoint(resume_from)
+        student.load_state_dict(ckpt["model"])
+        state = ckpt["opd"]
+        engine.load_state_dict(state["optimizer"])
+        generator.set_state(state["generator"])
+        prompts.load_state_dict(state["prompts"])
+        torch.set_rng_state(state["rng_cpu"])
+        totals.update(state["totals"])
+        progress_state.update(eval_history=state["eval_history"], train_kl_first=state["train_kl_first"])
+        start = ckpt["_step"]
+        log.info("OPD resumed from %s at step %d", resume_from, start)
+    eval_history = progress_state["eval_history"]
     progress = None
     if job.logging.progress:
         from tqdm.auto import tqdm
-        progress = tqdm(total=opd.steps, desc="opd", unit="step", dynamic_ncols=True)
-    eval_first = evaluate(0)
-    eval_history = {0: eval_first}
-    totals = {"rollout_s": 0.0, "teacher_s": 0.0, "loss_s": 0.0, "sampled_tokens": 0, "teacher_tokens": 0,
-              "loss_tokens": 0}
+        progress = tqdm(total=opd.steps, initial=start, desc="opd", unit="step", dynamic_ncols=True)
+    if 0 not in eval_history:
+        eval_history[0] = evaluate(0)
+    eval_first = eval_history[0]
     rows_log: List[dict] = []
+    stop = StopRequest()
+    stopped_at = None
     student.train()
-    for step in range(opd.steps):
+    for step in range(start, opd.steps):
         t_step = time.perf_counter()
         lr = lr_at(step, opd.steps, optim)
         engine.set_lr(lr)
@@ -175,6 +203,8 @@ def run_opd(job: DistillJobConfig, student: V4Model, pool: TeacherPool, prompts:
         row = {k: v for k, v in row.items() if v is not None}
         metrics.log_step(row)
         rows_log.append(row)
+        if progress_state["train_kl_first"] is None:
+            progress_state["train_kl_first"] = row.get("kl")
         if progress is not None:
             progress.set_postfix(loss=f"{row['loss']:.3f}", kl=f"{row.get('kl', 0.0):.3f}")
             progress.update(1)
@@ -184,9 +214,17 @@ def run_opd(job: DistillJobConfig, student: V4Model, pool: TeacherPool, prompts:
             eval_history[step + 1] = evaluate(step + 1)
         if opd.checkpoint_every and (step + 1) % opd.checkpoint_every == 0 and not done:
             save(step + 1)
+        if stop.signal is not None and not done:
+            stopped_at = save(step + 1)
+            log.warning("stop signal received: OPD checkpoint %s saved, exiting (run.resume=auto continues)",
+                        stopped_at)
+            break
 
     if progress is not None:
         progress.close()
+    if stopped_at is not None:
+        metrics.close()
+        return {"run_dir": str(run_dir), "stopped_by_signal": True, "checkpoint": str(stopped_at)}
     eval_last = evaluate(opd.steps)
     eval_history[opd.steps] = eval_last
     checkpoint = save(opd.steps)
@@ -197,11 +235,12 @@ def run_opd(job: DistillJobConfig, student: V4Model, pool: TeacherPool, prompts:
         "teachers": [{"name": s.name, "domain": s.domain} for s in pool.specs],
         "eval_kl_first": eval_first, "eval_kl_last": eval_last,
         "eval_kl": {str(k): v for k, v in eval_history.items()},
-        "train_kl_first": rows_log[0].get("kl"), "train_kl_last": rows_log[-1].get("kl"),
+        "train_kl_first": progress_state["train_kl_first"], "train_kl_last": rows_log[-1].get("kl") if rows_log else None,
         "stage_seconds": seconds,
         "rollout_tokens_per_s": totals["sampled_tokens"] / max(totals["rollout_s"], 1e-9),
         "teacher_tokens_per_s": totals["teacher_tokens"] / max(totals["teacher_s"], 1e-9),
         "loss_tokens_per_s": totals["loss_tokens"] / max(totals["loss_s"], 1e-9),
     }
     metrics.close(summary)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary

@@ -11,6 +11,7 @@ tokenizer included), or the student's tokenizer would differ from the one the ba
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from pathlib import Path
 from typing import List, Optional
@@ -22,6 +23,7 @@ from distill.rollout import PromptSets
 from distill.summary import print_summary
 from distill.teachers import TeacherPool, checkpoint_config, read_manifest, resolve_checkpoint
 from model import V4Model
+from train.checkpoint import checkpoint_step, latest_valid_checkpoint
 from train.data import build_data
 from train.data.config import BPE_TOKENIZER
 from train.data.tokenizer import load_tokenizer_dir
@@ -124,10 +126,18 @@ def run(job: DistillJobConfig) -> dict:
         manifest = run_dir / "experts" / "teachers.json"
 
     if "opd" in d.stages:
-        student = build_student(job, student_checkpoint, device)
-        pool = TeacherPool(read_manifest(manifest), d.teachers, job.model, data.tokenizer.fingerprint, device)
-        prompts = PromptSets.from_data(data, pool.domains, d.opd.rollout, job.run.seed)
-        opd_dir = prepare_run_dir(run_dir / "opd", "never", overwrite=True)  # a rerun moves an old one aside
-        summary["opd"] = run_opd(job, student, pool, prompts, data.tokenizer, device, opd_dir)
+        opd_dir = run_dir / "opd"
+        resume_from = latest_valid_checkpoint(opd_dir / "checkpoints") if job.run.resume == "auto" else None
+        finished = resume_from is not None and checkpoint_step(resume_from) >= d.opd.steps
+        if finished and (opd_dir / "summary.json").is_file():
+            log.info("OPD finished already (%s); run.resume=auto keeps it", resume_from)
+            summary["opd"] = json.loads((opd_dir / "summary.json").read_text())
+        else:
+            student = build_student(job, student_checkpoint, device)
+            pool = TeacherPool(read_manifest(manifest), d.teachers, job.model, data.tokenizer.fingerprint, device)
+            prompts = PromptSets.from_data(data, pool.domains, d.opd.rollout, job.run.seed)
+            # continue this run's OPD, or start afresh (an old OPD directory is moved aside, not deleted)
+            opd_dir = prepare_run_dir(opd_dir, "auto" if resume_from else "never", overwrite=resume_from is None)
+            summary["opd"] = run_opd(job, student, pool, prompts, data.tokenizer, device, opd_dir, resume_from)
     print_summary(summary, run_dir)
     return summary

@@ -97,6 +97,17 @@ class PromptSets:
             out.append(self.train[domain][self._order[domain].pop()])
         return out
 
+    def state_dict(self) -> dict:
+        """Where each domain's shuffled pass stands (a resumed OPD run takes the same prompts)."""
+        return {"rng": self._rng.getstate(), "order": {d: list(o) for d, o in self._order.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        if sorted(state["order"]) != sorted(self._order):
+            raise ValueError(f"the checkpoint's prompt domains {sorted(state['order'])} differ from this job's "
+                             f"{sorted(self._order)}; resume with the teachers of the run that wrote it")
+        self._rng.setstate(state["rng"])
+        self._order = {d: list(o) for d, o in state["order"].items()}
+
     def eval_prompts(self, domain: str, count: int) -> List[List[int]]:
         """The first `count` held-out prompts of `domain` (cycled if there are fewer)."""
         prompts = self.eval[domain]

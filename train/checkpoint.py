@@ -127,6 +127,11 @@ def checkpoint_meta(path: Path) -> dict:
     return json.loads((Path(path) / MANIFEST).read_text()).get("meta", {})
 
 
+def checkpoint_step(path: Path) -> int:
+    """The step a checkpoint was saved at, from its manifest."""
+    return int(json.loads((Path(path) / MANIFEST).read_text())["step"])
+
+
 def load_checkpoint(path: Path, parts: Optional[List[str]] = None, verify: bool = True,
                     mmap: bool = False) -> Dict[str, Any]:
     """Load the named parts (all by default) of a checkpoint directory, verifying every file's

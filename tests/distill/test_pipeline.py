@@ -130,3 +130,40 @@ def test_a_base_trained_with_other_settings_is_refused(tmp_path, base_run, small
     check_matches_checkpoint(compose_job(*small_job_overrides), path, "student", fingerprint)
     with pytest.raises(ValueError, match="data tokenizer"):
         check_matches_checkpoint(compose_job(*small_job_overrides), path, "student", "0" * 32)
+
+
+@pytest.mark.slow
+def test_interrupted_opd_resumes_and_takes_the_same_steps(tmp_path, base_run, small_job_overrides, tokenizer_dir):
+    specs = make_teachers(tmp_path / "teachers", 3, tokenizer_dir)
+    write_manifest(tmp_path / "teachers.json", specs)
+    run_dir = tmp_path / "run"
+    overrides = [*small_job_overrides, f"distill.base={base_run}", f"run.dir={run_dir}", "distill.stages=[opd]",
+                 f"distill.teachers.manifest={tmp_path / 'teachers.json'}", "distill.opd.steps=6",
+                 "distill.opd.checkpoint_every=3", "distill.opd.rollout.prompts_per_teacher=2",
+                 "distill.opd.rollout.prompt_tokens=8", "distill.opd.rollout.max_new_tokens=6",
+                 "distill.opd.eval_prompts=2", "optim.lr=1e-2", "optim.warmup_steps=1"]
+    straight = run(compose_job(*overrides))
+    opd_dir = run_dir / "opd"
+    rows = {r["step"]: r for r in read_jsonl(opd_dir / "metrics.jsonl")}
+
+    # a crash after the step-3 checkpoint: the step-6 checkpoint and rows 4-6 never happened
+    import shutil
+    shutil.rmtree(opd_dir / "checkpoints" / "step_00000006")
+    (opd_dir / "metrics.jsonl").write_text("".join(json.dumps(rows[s]) + "\n" for s in (1, 2, 3)))
+    (opd_dir / "eval.jsonl").write_text(json.dumps(read_jsonl(opd_dir / "eval.jsonl")[0]) + "\n")
+    (opd_dir / "summary.json").unlink()
+    resumed = run(compose_job(*overrides, "run.resume=auto"))
+    assert not list(run_dir.glob("opd.replaced-*"))          # continued in place, not restarted
+    assert [r["step"] for r in read_jsonl(opd_dir / "eval.jsonl")] == [0, 6]     # no second step-0 eval
+    again = {r["step"]: r for r in read_jsonl(opd_dir / "metrics.jsonl")}
+    assert [r["step"] for r in read_jsonl(opd_dir / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
+    for step in (4, 5, 6):      # same prompts, samples, teacher scores and updates: bitwise in fp32
+        assert (again[step]["loss"], again[step]["kl"], again[step]["grad_norm"]) == \
+            (rows[step]["loss"], rows[step]["kl"], rows[step]["grad_norm"]), step
+    assert resumed["opd"]["eval_kl_last"] == straight["opd"]["eval_kl_last"]
+    assert resumed["opd"]["eval_kl_first"] == straight["opd"]["eval_kl_first"]
+
+    # a finished OPD stage is kept by run.resume=auto
+    kept = run(compose_job(*overrides, "run.resume=auto"))
+    assert kept["opd"]["eval_kl_last"] == straight["opd"]["eval_kl_last"]
+    assert len(read_jsonl(opd_dir / "metrics.jsonl")) == 6
