@@ -9,7 +9,7 @@ Measures, in bf16 on CUDA:
    Triton NS), torch fused AdamW over all parameters, DeepSpeed's MuonWithAuxAdam, the NS share alone, and
    the NS time of one rank's share when 2/4/8 data-parallel ranks share the work (communication excluded).
 
-Usage: python bench/muon.py [--out bench/results/muon.json] [--skip-deepspeed]
+Usage: python bench/muon.py [--out bench/results/muon.json] [--skip-deepspeed] [--step-only [--rounds 2]]
 DeepSpeed's Muon functions are wrapped in torch.compile; they are timed eagerly (compile time would exceed
 the benchmark's device budget), which the table notes.
 """
@@ -36,9 +36,16 @@ EXPERT_SHAPE, EXPERT_BATCH = (384, 1024), 1287  # h200_1b: 13 MoE layers × 32 e
 DEVICE = "cuda"
 PRESET = "h200_1b"
 KERNELS = ("torch", "triton")
-STEP_VARIANTS = [  # (ns_kernel, muon_elementwise, ns_cuda_graphs, overlap_adamw)
-    ("torch", "foreach", False, False), ("triton", "foreach", True, False), ("torch", "triton", True, False),
-    ("triton", "triton", True, False), ("triton", "triton", True, True), ("torch", "triton", True, True),
+STEP_VARIANTS = [  # (ns_kernel, muon_elementwise, ns_cuda_graphs, overlap_adamw, fold_ns_normalization, overlap_muon_update)
+    ("torch", "foreach", False, False, False, False), ("triton", "foreach", True, False, False, False),
+    ("torch", "triton", True, False, False, False), ("triton", "triton", True, False, False, False),
+    ("triton", "triton", True, True, False, False), ("torch", "triton", True, True, False, False),
+    ("triton", "triton", True, True, True, False), ("triton", "triton", True, True, True, True),
+    ("triton", "triton", True, False, True, True),
+]
+STEP_ONLY_VARIANTS = [  # --step-only: the previous best against the folded normalisation and the overlapped update
+    ("triton", "triton", True, True, False, False), ("triton", "triton", True, True, True, False),
+    ("triton", "triton", True, True, True, True), ("triton", "triton", True, False, True, True),
 ]
 
 
@@ -50,7 +57,7 @@ def use_cpu_smoke_settings() -> None:
     EXPERT_SHAPE, EXPERT_BATCH = (16, 48), 5
     DEVICE, PRESET, KERNELS = "cpu", "tiny", ("torch",)
     global STEP_VARIANTS
-    STEP_VARIANTS = [("torch", "foreach", False, False)]
+    STEP_VARIANTS = [("torch", "foreach", False, False, False, False)]
 
 
 def cuda_ms(fn, warmup: int = 2, iters: int = 7) -> float:
@@ -228,51 +235,78 @@ def bench_fused_elementwise(optimizer) -> dict:
 
 
 def fused_step_parity(model, params) -> dict:
-    """Max |ΔW| after one step of the fused path (triton NS + elementwise) vs the foreach path (torch NS)."""
+    """Max |ΔW| after one step of the fused paths (triton NS + elementwise; with the folded normalisation and
+    overlapped update) vs the foreach path (torch NS)."""
     start = [p.detach().clone() for p in params]
     finals, moved = {}, 0.0
-    for elementwise, kernel in (("foreach", "torch"), ("triton", "triton")):
+    variants = {
+        "foreach": dict(ns_kernel="torch", muon_elementwise="foreach"),
+        "fused": dict(ns_kernel="triton", muon_elementwise="triton", fold_ns_normalization=False),
+        "fused_fold_overlap": dict(ns_kernel="triton", muon_elementwise="triton", fold_ns_normalization=True,
+                                   overlap_muon_update=True, ns_cuda_graphs=True),
+    }
+    for name, kwargs in variants.items():
         with torch.no_grad():
             for p, p0 in zip(params, start):
                 p.copy_(p0)
-        optimizer = build_optimizer(model, OptimConfig(ns_kernel=kernel, muon_elementwise=elementwise, lr=1e-3))
+        optimizer = build_optimizer(model, OptimConfig(lr=1e-3, **kwargs))
         set_grads(params, seed=1)
         optimizer.step()
         muon_ids = {id(p) for p in optimizer._model_params["muon"]}
-        finals[elementwise] = [p.detach().clone() for p in params if id(p) in muon_ids]
+        finals[name] = [p.detach().clone() for p in params if id(p) in muon_ids]
         moved = max((p - p0).abs().max().item() for p, p0 in zip(params, start) if id(p) in muon_ids)
         del optimizer
     with torch.no_grad():
         for p, p0 in zip(params, start):
             p.copy_(p0)
-    diff = max((a - b).abs().max().item() for a, b in zip(finals["foreach"], finals["triton"]))
-    print(f"  parity, one step, fused (triton NS + elementwise) vs foreach (torch NS): max |ΔW| {diff:.3g} "
-          f"(largest |update| {moved:.3g})", flush=True)
-    return dict(max_abs_diff=diff, max_update=moved)
+    result = dict(max_update=moved)
+    for name in ("fused", "fused_fold_overlap"):
+        diff = max((a - b).abs().max().item() for a, b in zip(finals["foreach"], finals[name]))
+        result[f"max_abs_diff_{name}"] = diff
+        print(f"  parity, one step, {name} vs foreach (torch NS): max |ΔW| {diff:.3g} (largest |update| {moved:.3g})",
+              flush=True)
+    diff = max((a - b).abs().max().item() for a, b in zip(finals["fused"], finals["fused_fold_overlap"]))
+    result["max_abs_diff_fold_vs_fused"] = diff
+    print(f"  parity, one step, fused_fold_overlap vs fused: max |ΔW| {diff:.3g}", flush=True)
+    return result
 
 
-def bench_optimizer_step(use_deepspeed: bool) -> dict:
+def bench_optimizer_step(use_deepspeed: bool, step_only: bool = False, rounds: int = 1) -> dict:
+    """The h200_1b step table (and, unless step_only, the NS-share, bucket, AdamW and DeepSpeed rows).
+
+    step_only: parity and the STEP_ONLY_VARIANTS step times only, `rounds` times interleaved (noise check).
+    """
+    variants = STEP_ONLY_VARIANTS if step_only and DEVICE == "cuda" else STEP_VARIANTS
     out = {}
     model = h200_1b_model()
     params = list(model.parameters())
     out["params_total"] = sum(p.numel() for p in params)
     if DEVICE == "cuda":
         out["parity"] = fused_step_parity(model, params)
-    for kernel, elementwise, graphs, overlap in STEP_VARIANTS:
-        cfg = OptimConfig(ns_kernel=kernel, ns_dtype="auto", ns_cuda_graphs=graphs, muon_elementwise=elementwise,
-                          overlap_adamw=overlap)
-        optimizer = build_optimizer(model, cfg)
-        set_grads(params)
-        ms = cuda_ms(optimizer.step, warmup=2, iters=7)
-        tag = f"{kernel}_{elementwise}{'_graphs' if graphs else ''}{'_overlap' if overlap else ''}"
-        out[f"muon_step_ms_{tag}"] = ms
-        print(f"  {PRESET} Muon+AdamW step (ns_kernel={kernel}, muon_elementwise={elementwise}, "
-              f"cuda_graphs={graphs}, overlap_adamw={overlap}): {ms:.2f} ms", flush=True)
-        grouping = optimizer.grouping
-        if elementwise == "triton" and DEVICE == "cuda" and (kernel, graphs, overlap) == ("triton", True, False):
-            out[f"elementwise_ms_{tag}"] = bench_fused_elementwise(optimizer)
-        del optimizer
-        torch.cuda.empty_cache()
+    for round_ in range(rounds):
+        for kernel, elementwise, graphs, overlap, fold, overlap_update in variants:
+            cfg = OptimConfig(ns_kernel=kernel, ns_dtype="auto", ns_cuda_graphs=graphs, muon_elementwise=elementwise,
+                              overlap_adamw=overlap, fold_ns_normalization=fold, overlap_muon_update=overlap_update)
+            optimizer = build_optimizer(model, cfg)
+            set_grads(params)
+            ms = cuda_ms(optimizer.step, warmup=2, iters=7)
+            tag = (f"{kernel}_{elementwise}{'_graphs' if graphs else ''}{'_overlap' if overlap else ''}"
+                   f"{'_fold' if fold and elementwise == 'triton' else ''}{'_overlapupdate' if overlap_update else ''}")
+            out.setdefault(f"muon_step_ms_{tag}", []).append(ms)
+            print(f"  {PRESET} Muon+AdamW step (ns_kernel={kernel}, muon_elementwise={elementwise}, "
+                  f"cuda_graphs={graphs}, overlap_adamw={overlap}, fold_ns_normalization={fold}, "
+                  f"overlap_muon_update={overlap_update}), round {round_}: {ms:.2f} ms", flush=True)
+            grouping = optimizer.grouping
+            if (elementwise == "triton" and DEVICE == "cuda" and not step_only
+                    and (kernel, graphs, overlap, fold, overlap_update) == ("triton", True, False, False, False)):
+                out[f"elementwise_ms_{tag}"] = bench_fused_elementwise(optimizer)
+            del optimizer
+            torch.cuda.empty_cache()
+    for key, times in list(out.items()):
+        if key.startswith("muon_step_ms_") and rounds == 1:
+            out[key] = times[0]
+    if step_only:
+        return out
     out["muon_params"] = sum(m.param.numel() for m in grouping.muon)
     out["muon_matrices"] = grouping.muon_matrix_count()
     out["adamw_params"] = sum(a.param.numel() for a in grouping.adamw)
@@ -338,6 +372,9 @@ def main() -> None:
     parser.add_argument("--skip-deepspeed", action="store_true")
     parser.add_argument("--sections", default="ns,products,step")
     parser.add_argument("--smoke", action="store_true", help="CPU, small shapes: checks the script only")
+    parser.add_argument("--step-only", action="store_true",
+                        help="only the h200_1b step table: parity and STEP_ONLY_VARIANTS (implies --sections step)")
+    parser.add_argument("--rounds", type=int, default=1, help="with --step-only: interleaved timing rounds")
     args = parser.parse_args()
     if args.smoke:
         use_cpu_smoke_settings()
@@ -355,11 +392,11 @@ def main() -> None:
         torch._dynamo.config.disable = True
     device_name = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (smoke)"
     result = dict(device=device_name, torch=torch.__version__, dtype="bfloat16", preset=PRESET)
-    sections = args.sections.split(",")
+    sections = ["step"] if args.step_only else args.sections.split(",")
     t0 = time.time()
     runs = [("newton_schulz", "ns", lambda: bench_newton_schulz(use_ds)),
             ("symmetric_products", "products", bench_symmetric_products),
-            ("h200_1b_step", "step", lambda: bench_optimizer_step(use_ds))]
+            ("h200_1b_step", "step", lambda: bench_optimizer_step(use_ds, args.step_only, args.rounds))]
     for key, section, run in runs:
         if section not in sections or (section == "products" and "triton" not in KERNELS):
             continue

@@ -4,10 +4,14 @@ Same math as Muon's foreach path (train.optim.muon module docstring), arranged s
 read and written as few times as possible:
 
 1. one Triton pass per bucket and orientation updates the momentum and writes the look-ahead, cast to the
-   Newton–Schulz dtype and brought to the wide orientation, into the bucket's persistent stacked buffer;
+   Newton–Schulz dtype and brought to the wide orientation, into the bucket's persistent stacked buffer
+   (and, with OptimConfig.fold_ns_normalization, per-tile sums of squares into `Bucket.sum_squares`);
 2. Newton–Schulz runs on those buffers (train.optim.orthogonalize, shared over the process group as usual;
-   with CUDA graphs the buffers are the graph's inputs, so there is no staging copy);
-3. one Triton pass per bucket and orientation applies W ← W·(1 − η·λ) − η·s·O from the bucket's output.
+   with CUDA graphs the buffers are the graph's inputs, so there is no staging copy); with the sums of
+   squares it skips its normalisation pass (train.optim.newton_schulz);
+3. one Triton pass per bucket and orientation applies W ← W·(1 − η·λ) − η·s·O from the bucket's output —
+   with OptimConfig.overlap_muon_update on a side stream, under the Newton–Schulz of the next bucket
+   (buckets run largest first, so the pass left exposed at the end is the smallest).
 
 A bucket is every matrix of one wide shape [n, m] whose Newton–Schulz is shared over the same process group
 (dense matrices over dp_group, routed experts over expert_dp_group). Plans are cached per parameter set.
@@ -24,6 +28,14 @@ import torch.distributed as dist
 
 from train.optim.grouping import MuonTensor
 
+TILE = 64
+"""Side of the square tiles of the elementwise passes (64×64 fp32 keeps the transposed stores of tall
+matrices coalesced through shared memory); also the granularity of the partial sums of squares."""
+
+
+def tiles_per_matrix(shape: tuple[int, int]) -> int:
+    return math.ceil(shape[0] / TILE) * math.ceil(shape[1] / TILE)
+
 
 @dataclass
 class Bucket:
@@ -32,6 +44,8 @@ class Bucket:
     group: dist.ProcessGroup | None
     shape: tuple[int, int]
     buffer: torch.Tensor
+    sum_squares: torch.Tensor
+    """fp32 [count, tiles_per_matrix]: per-tile Σ look-ahead² written by the look-ahead pass (when folded)."""
     launches: list[dict] = field(default_factory=list)
     """One per source orientation: GPU tables tensor/offset/slot, count, source_shape, transposed."""
 
@@ -69,7 +83,11 @@ def build_buckets(
     buckets = []
     for (group_id, shape), entries in members.items():
         total = sum(blocks for _, blocks, _, _ in entries)
-        bucket = Bucket(group_of[group_id], shape, torch.empty((total, *shape), dtype=ns_dtype, device=device))
+        bucket = Bucket(
+            group_of[group_id], shape,
+            buffer=torch.empty((total, *shape), dtype=ns_dtype, device=device),
+            sum_squares=torch.empty((total, tiles_per_matrix(shape)), dtype=torch.float32, device=device),
+        )
         by_orientation: dict[bool, list[tuple[int, int, int]]] = defaultdict(list)
         slot = 0
         for index, blocks, rows, cols in entries:
@@ -87,6 +105,8 @@ def build_buckets(
                 transposed=transposed,
             ))
         buckets.append(bucket)
+    # Largest first: with overlap_muon_update each bucket's update pass hides under the next bucket's NS.
+    buckets.sort(key=lambda b: b.buffer.numel(), reverse=True)
     return buckets
 
 

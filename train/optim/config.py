@@ -42,6 +42,13 @@ class OptimConfig:
     """Memory-bound half of the Muon step: "foreach" (torch foreach ops, reference, any device) or "triton"
     (fused momentum + look-ahead + cast into the NS buffers, fused decayed update; CUDA, plain parameters only,
     other layouts fall back to "foreach"). See train.optim.bucketed_step."""
+    fold_ns_normalization: bool = True
+    """With muon_elementwise="triton": the look-ahead pass also writes each matrix's sum of squares, and Newton–
+    Schulz folds 1/‖X‖ into its first step (ns_kernel="triton") or divides by the given norm (ns_kernel="torch")
+    instead of a separate norm pass over the buckets. False: Newton–Schulz normalises on its own (reference)."""
+    overlap_muon_update: bool = False
+    """With muon_elementwise="triton" on CUDA: each bucket's update pass W ← W·(1 − ηλ) − ηsO runs on a side
+    stream while Newton–Schulz works on the next bucket (one NS call and CUDA graph per bucket). Same results."""
     overlap_adamw: bool = False
     """On CUDA, run the AdamW half of the step on a side stream once the Muon look-ahead is written, so its
     memory-bound pass overlaps the compute-bound Newton–Schulz; the step ends when both have. Same results."""

@@ -3,6 +3,10 @@
 1. `lookahead_into_bucket`: M ← μ·M + G (in place) and L = G + μ·M (Nesterov) or M, cast to the Newton–Schulz
    dtype and written, in the wide orientation, straight into the bucket's stacked buffer. Replaces three
    foreach passes over fp32 (32 B/value), the stacking copy (6 B/value) and a transposed copy: 14 B/value.
+   Optionally each tile also writes the sum of squares of its (rounded) look-ahead values to
+   `sum_squares[matrix slot, tile]`, so Newton–Schulz gets every matrix's norm without reading the buffer
+   again (train.optim.newton_schulz folds 1/‖X‖ into its first step). Partial sums, added up in a fixed
+   order afterwards: no atomics, the same result on every run.
 2. `apply_bucket_update`: W ← W·(1 − η·λ) − η·s·O from the bucket's Newton–Schulz output, transposed
    back for tall matrices. Replaces a foreach multiply and one add per tensor (18 B/value): 10 B/value.
 
@@ -18,8 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK = 64
-"""Tile side: 64×64 fp32 tiles keep the transposed stores of tall matrices coalesced through shared memory."""
+from train.optim.bucketed_step import TILE as BLOCK
 GRAD, MOMENTUM, PARAM = 0, 1, 2
 """Columns of the per-tensor address table."""
 
@@ -33,10 +36,10 @@ def _matrix_pointers(bases_ptr, tensor_ptr, offset_ptr, matrix, column, ref_ptr)
 
 @triton.jit
 def _lookahead_kernel(
-    bases_ptr, tensor_ptr, offset_ptr, slot_ptr, out_ptr, ref_ptr,
-    R, C, stride_out_b, stride_out_n,
+    bases_ptr, tensor_ptr, offset_ptr, slot_ptr, out_ptr, ref_ptr, sumsq_ptr,
+    R, C, stride_out_b, stride_out_n, stride_sumsq,
     momentum,
-    NESTEROV: tl.constexpr, TRANSPOSED: tl.constexpr, BLOCK: tl.constexpr,
+    NESTEROV: tl.constexpr, TRANSPOSED: tl.constexpr, SUM_SQUARES: tl.constexpr, BLOCK: tl.constexpr,
 ):
     matrix = tl.program_id(0)
     tile = tl.program_id(1)
@@ -55,8 +58,12 @@ def _lookahead_kernel(
         look = g + momentum * m
     else:
         look = m
-    out = out_ptr + tl.load(slot_ptr + matrix).to(tl.int64) * stride_out_b
+    slot = tl.load(slot_ptr + matrix).to(tl.int64)
+    out = out_ptr + slot * stride_out_b
     look = look.to(out_ptr.dtype.element_ty)
+    if SUM_SQUARES:  # of the values Newton–Schulz will read (masked lanes hold 0)
+        rounded = look.to(tl.float32)
+        tl.store(sumsq_ptr + slot * stride_sumsq + tile, tl.sum(tl.sum(rounded * rounded, axis=1), axis=0))
     if TRANSPOSED:  # source [m, n] → bucket row [n, m]: element (r, c) goes to (c, r)
         tl.store(out + cols[:, None] * stride_out_n + rows[None, :], tl.trans(look),
                  mask=(cols[:, None] < C) & (rows[None, :] < R))
@@ -93,20 +100,32 @@ def _update_kernel(
 
 
 def lookahead_into_bucket(
-    bases: torch.Tensor, launch: "dict", out: torch.Tensor, ref: torch.Tensor, momentum: float, nesterov: bool
+    bases: torch.Tensor,
+    launch: "dict",
+    out: torch.Tensor,
+    ref: torch.Tensor,
+    momentum: float,
+    nesterov: bool,
+    sum_squares: torch.Tensor | None = None,
 ) -> None:
     """Momentum update and look-ahead for the matrices of `launch` (tables built by bucketed_step), into `out`.
 
     bases: int64 [tensors, 3] addresses (GRAD, MOMENTUM, PARAM columns) on the GPU; ref: any tensor of the
-    launch's parameter dtype; out: the bucket's stacked buffer [total, n, m] (rows contiguous).
+    launch's parameter dtype; out: the bucket's stacked buffer [total, n, m] (rows contiguous);
+    sum_squares: fp32 [total, tiles] (tiles = bucketed_step.tiles_per_matrix) or None.
     """
     rows, cols = launch["source_shape"]
-    grid = (launch["count"], triton.cdiv(rows, BLOCK) * triton.cdiv(cols, BLOCK))
+    tiles = triton.cdiv(rows, BLOCK) * triton.cdiv(cols, BLOCK)
+    if sum_squares is not None and (sum_squares.shape[1] != tiles or sum_squares.stride(1) != 1):
+        raise ValueError(f"sum_squares needs {tiles} contiguous columns, got shape {tuple(sum_squares.shape)}")
+    grid = (launch["count"], tiles)
     _lookahead_kernel[grid](
         bases, launch["tensor"], launch["offset"], launch["slot"], out, ref,
-        rows, cols, out.stride(0), out.stride(1),
+        sum_squares if sum_squares is not None else out,
+        rows, cols, out.stride(0), out.stride(1), sum_squares.stride(0) if sum_squares is not None else 0,
         momentum,
-        NESTEROV=nesterov, TRANSPOSED=launch["transposed"], BLOCK=BLOCK, num_warps=4,
+        NESTEROV=nesterov, TRANSPOSED=launch["transposed"], SUM_SQUARES=sum_squares is not None,
+        BLOCK=BLOCK, num_warps=4,
     )
 
 

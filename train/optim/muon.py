@@ -22,10 +22,11 @@ Layouts the step handles:
 
 Fast paths, each selected by OptimConfig and checked against the torch path by tests/optim: ns_kernel="triton"
 (symmetric Newton–Schulz products), muon_elementwise="triton" (plain parameters: fused momentum/look-ahead
-and update passes over shape buckets, train.optim.bucketed_step), ns_cuda_graphs, overlap_adamw (AdamW on a
-side stream while Newton–Schulz runs).
+and update passes over shape buckets, train.optim.bucketed_step; with it fold_ns_normalization and
+overlap_muon_update), ns_cuda_graphs, overlap_adamw (AdamW on a side stream while Newton–Schulz runs).
 """
 
+import contextlib
 import logging
 import math
 
@@ -75,6 +76,7 @@ class Muon(torch.optim.Optimizer):
         self._bucket_plans: dict[tuple, list[bucketed_step.Bucket]] = {}
         self._fused_fallback_logged = False
         self._side_stream: torch.cuda.Stream | None = None  # OptimConfig.overlap_adamw
+        self._update_stream: torch.cuda.Stream | None = None  # OptimConfig.overlap_muon_update
         self._start_adamw = None  # launches this step's AdamW half; set by step(), run once by _begin_adamw
 
         muon_groups = []
@@ -219,29 +221,44 @@ class Muon(torch.optim.Optimizer):
             groups = [self._ns_group(meta) for meta in metas]
             buckets = self._bucket_plans[key] = bucketed_step.build_buckets(metas, groups, dtype)
         addresses = bucketed_step.address_table(params, momenta)
+        fold = cfg.fold_ns_normalization
         for bucket in buckets:
             for launch in bucket.launches:
                 lookahead_into_bucket(
-                    addresses, launch, bucket.buffer, params[0], group["momentum"], group["nesterov"]
+                    addresses, launch, bucket.buffer, params[0], group["momentum"], group["nesterov"],
+                    sum_squares=bucket.sum_squares if fold else None,
                 )
         self._begin_adamw()  # overlaps Newton–Schulz when OptimConfig.overlap_adamw is set
 
-        by_group: dict[int, list[bucketed_step.Bucket]] = {}
-        for bucket in buckets:
-            by_group.setdefault(id(bucket.group), []).append(bucket)
         lr = group["lr"]
         decay = 1.0 - lr * group["weight_decay"]
-        for members in by_group.values():
+        update_stream = None
+        if cfg.overlap_muon_update:
+            update_stream = self._update_stream = self._update_stream or torch.cuda.Stream()
+        # One Newton–Schulz call per share group, or per bucket when its update pass overlaps the next NS.
+        calls: dict[object, list[bucketed_step.Bucket]] = {}
+        for bucket in buckets:
+            calls.setdefault(id(bucket) if update_stream is not None else id(bucket.group), []).append(bucket)
+        for members in calls.values():
             share_group = members[0].group
             graphs = self._bucket_ns_graphs.setdefault(id(share_group), {}) if cfg.ns_cuda_graphs else None
             outs = orthogonalize_blocks(
                 [b.buffer for b in members], dtype=dtype, kernel=cfg.ns_kernel, group=share_group,
-                graphs=graphs, static_inputs=True,
+                graphs=graphs, static_inputs=True, sum_squares=[b.sum_squares for b in members] if fold else None,
             )
-            for bucket, out in zip(members, outs):
-                step = lr * bucket.update_scale(group["update_rms"])
-                for launch in bucket.launches:
-                    apply_bucket_update(addresses, launch, out, params[0], decay, step)
+            if update_stream is not None:
+                update_stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(update_stream) if update_stream is not None else contextlib.nullcontext():
+                for bucket, out in zip(members, outs):
+                    step = lr * bucket.update_scale(group["update_rms"])
+                    for launch in bucket.launches:
+                        apply_bucket_update(addresses, launch, out, params[0], decay, step)
+                    if update_stream is not None and graphs is None:
+                        # Eager NS outputs return to the main stream's pool when dropped (graph outputs are static).
+                        out.record_stream(update_stream)
+        if update_stream is not None:
+            addresses.record_stream(update_stream)
+            torch.cuda.current_stream().wait_stream(update_stream)
 
     def _muon_step_zero_partition(self, group: dict, flat: torch.Tensor, model_params: list) -> None:
         grad = flat.grad if flat.grad is not None else torch.zeros_like(flat)

@@ -5,9 +5,16 @@ X ← a·X + b·(XXᵀ)X + c·(XXᵀ)²X: 8 with (3.4445, −4.7750, 2.0315), wh
 about [0.68, 1.13], then 2 with (2, −1.5, 0.5), for which p(1) = 1 and p'(1) = 0, so they converge
 quadratically to 1. Each iteration is computed as A = XXᵀ, B = b·A + c·A·A, X ← a·X + B·X.
 
+When the caller already knows each matrix's sum of squares (the fused Muon step writes it while producing
+the look-ahead: `sum_squares`), the Triton path folds 1/‖M‖ into the first step instead of a separate pass
+that reads and rewrites M: A₀ = M·Mᵀ/‖M‖², B₀ = (a·I + b·A₀ + c·A₀²)/‖M‖, X₁ = B₀·M — the same X₁ as
+a·X₀ + b·A₀X₀ + c·A₀²X₀ with X₀ = M/‖M‖, with one rounding fewer on X₀ and one more on B₀'s diagonal.
+
 Shapes: G is [n, m] or a stack [batch, n, m] of same-shape matrices (all experts of a layer, the o_groups
 blocks of wo_a, …), orthogonalised independently in one batched call.
 """
+
+import os
 
 import torch
 
@@ -41,12 +48,16 @@ def hybrid_newton_schulz(
     *,
     dtype: torch.dtype | None = None,
     kernel: str = "torch",
+    sum_squares: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Orthogonalise G ([n, m] or [batch, n, m], float) with the V4 hybrid Newton–Schulz schedule.
 
     Each matrix is normalised by its own Frobenius norm, so the batch members never interact.
     dtype: compute dtype; None = bf16 on CUDA, fp32 elsewhere. kernel: "torch" (cuBLAS/CPU matmuls)
     or "triton" (symmetric-product kernel for XXᵀ and b·A + c·A², CUDA only).
+    sum_squares: fp32 [batch] or [batch, parts] (parts summed) with Σ G² of each matrix, computed by the
+    caller from G's values; G is then not read for its norm, and with kernel="triton" the normalisation is
+    folded into the first iteration (module docstring). None: the norm is computed here.
     Returns a tensor of G's shape in the compute dtype, with singular values ≈ 1 (exactly the U·Vᵀ of
     G's SVD in the limit), so callers scale and cast it once, fused into the parameter update.
     """
@@ -56,7 +67,7 @@ def hybrid_newton_schulz(
         raise ValueError(f"hybrid_newton_schulz expects a floating tensor, got {G.dtype}")
     if kernel not in ("torch", "triton"):
         raise ValueError(f"kernel={kernel!r}: use 'torch' or 'triton'")
-    if kernel == "triton" and G.device.type != "cuda":
+    if kernel == "triton" and G.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("kernel='triton' needs a CUDA tensor: use kernel='torch' on CPU")
     compute_dtype = dtype if dtype is not None else resolve_ns_dtype("auto", G.device)
 
@@ -64,22 +75,42 @@ def hybrid_newton_schulz(
     tall = X.shape[-2] > X.shape[-1]
     if tall:
         X = X.mT
-    # The norm is accumulated in fp32; the division runs in the compute dtype, so a bf16 input is read and
-    # written once in bf16 instead of passing through an fp32 copy (the bf16-rounded norm is within 2^-9).
-    norm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True, dtype=torch.float32)
-    X = X.to(compute_dtype) / norm.clamp_min(NORM_FLOOR).to(compute_dtype)
-    # The stabilising steps need an X whose rows are contiguous for the kernels and for baddbmm's output.
-    X = X.contiguous()
+    if sum_squares is not None:
+        if sum_squares.dtype != torch.float32 or sum_squares.shape[0] != X.shape[0]:
+            raise ValueError(
+                f"sum_squares must be fp32 [{X.shape[0]}, ...], got {sum_squares.dtype} {tuple(sum_squares.shape)}"
+            )
+        norm = sum_squares.reshape(X.shape[0], -1).sum(dim=1).sqrt().view(-1, 1, 1)
+    else:
+        norm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True, dtype=torch.float32)
+    norm = norm.clamp_min(NORM_FLOOR)
+
+    schedule = HYBRID_SCHEDULE
+    if kernel == "triton" and sum_squares is not None:
+        from train.optim.symmetric_kernel import symmetric_gram
+
+        X = X.to(compute_dtype).contiguous()  # no copy for the fused step's bucket buffers
+        inverse = norm.view(-1).reciprocal()
+        (a, b, c), schedule = schedule[0], schedule[1:]
+        A = symmetric_gram(X, scale=inverse * inverse)  # X₀X₀ᵀ from the unnormalised X
+        B = symmetric_gram(A, alpha=c, beta=b, addend=A, diagonal=a, scale=inverse)  # (aI + bA + cA²)/‖X‖
+        X = torch.bmm(B, X)
+    else:
+        # The norm is accumulated in fp32; the division runs in the compute dtype, so a bf16 input is read and
+        # written once in bf16 instead of passing through an fp32 copy (the bf16-rounded norm is within 2^-9).
+        X = X.to(compute_dtype) / norm.to(compute_dtype)
+        # The stabilising steps need an X whose rows are contiguous for the kernels and for baddbmm's output.
+        X = X.contiguous()
 
     if kernel == "triton":
         from train.optim.symmetric_kernel import symmetric_gram
 
-        for a, b, c in HYBRID_SCHEDULE:
+        for a, b, c in schedule:
             A = symmetric_gram(X)  # X·Xᵀ, upper tiles only
             B = symmetric_gram(A, alpha=c, beta=b, addend=A)  # c·A·Aᵀ + b·A = b·A + c·A² (A symmetric)
             X = torch.baddbmm(X, B, X, beta=a, alpha=1.0)
     else:
-        for a, b, c in HYBRID_SCHEDULE:
+        for a, b, c in schedule:
             A = torch.bmm(X, X.mT)
             B = torch.baddbmm(A, A, A, beta=b, alpha=c)
             X = torch.baddbmm(X, B, X, beta=a, alpha=1.0)

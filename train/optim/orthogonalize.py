@@ -26,6 +26,7 @@ def orthogonalize_blocks(
     group: dist.ProcessGroup | None = None,
     graphs: dict | None = None,
     static_inputs: bool = False,
+    sum_squares: list[torch.Tensor] | None = None,
 ) -> list[torch.Tensor]:
     """Hybrid-NS every matrix of `blocks` (each [batch_i, rows_i, cols_i], identical on all ranks of `group`).
 
@@ -36,6 +37,8 @@ def orthogonalize_blocks(
     tensors then live in the graph's static memory and are overwritten by the next call with the same shapes.
     static_inputs: the blocks are wide, contiguous, in `dtype`, and keep their storage from call to call (the
     fused step's bucket buffers): a CUDA graph then reads them in place instead of from a staging copy.
+    sum_squares: per block, fp32 [batch_i, parts] with each matrix's Σ value² in parts (the same number of
+    parts for blocks of one shape); Newton–Schulz then skips its normalisation pass (hybrid_newton_schulz).
     """
     buckets: dict[tuple[int, int], list[int]] = defaultdict(list)
     for index, block in enumerate(blocks):
@@ -45,9 +48,12 @@ def orthogonalize_blocks(
     rank = dist.get_rank(group) if group is not None else 0
 
     results: list[torch.Tensor | None] = [None] * len(blocks)
+    squares = None
     if world == 1:
         jobs = [[_wide(blocks[i]) for i in indices] for indices in buckets.values()]
-        outputs = _newton_schulz_jobs(jobs, dtype, kernel, graphs, static_inputs)
+        if sum_squares is not None:
+            squares = [[sum_squares[i] for i in indices] for indices in buckets.values()]
+        outputs = _newton_schulz_jobs(jobs, dtype, kernel, graphs, static_inputs, squares)
         for indices, out in zip(buckets.values(), outputs):
             _scatter_back(out, indices, blocks, results)
         return results
@@ -56,6 +62,7 @@ def orthogonalize_blocks(
     plan = []
     payload_numel = [0] * world
     jobs = []
+    squares = [] if sum_squares is not None else None
     for shape, indices in sorted(buckets.items()):
         total = sum(blocks[i].shape[0] for i in indices)
         bounds = [total * r // world for r in range(world + 1)]
@@ -67,7 +74,11 @@ def orthogonalize_blocks(
         start, end = bounds[rank], bounds[rank + 1]
         if end > start:
             jobs.append(_matrix_range([_wide(blocks[i]) for i in indices], start, end))
-    send_parts = [out.reshape(-1) for out in _newton_schulz_jobs(jobs, dtype, kernel, graphs, static_inputs)]
+            if squares is not None:
+                squares.append(_matrix_range([sum_squares[i] for i in indices], start, end))
+    send_parts = [
+        out.reshape(-1) for out in _newton_schulz_jobs(jobs, dtype, kernel, graphs, static_inputs, squares)
+    ]
 
     device = blocks[0].device
     width = max(payload_numel)
@@ -106,7 +117,7 @@ def _matrix_range(stacks: list[torch.Tensor], start: int, end: int) -> list[torc
 
 
 def _stack_into(buffer: torch.Tensor, pieces: list[torch.Tensor]) -> torch.Tensor:
-    """Copy (and cast) the [b_i, n, m] pieces one after another into `buffer` [Σb_i, n, m]."""
+    """Copy (and cast) the [b_i, ...] pieces one after another into `buffer` [Σb_i, ...]."""
     first = 0
     for piece in pieces:
         buffer[first : first + piece.shape[0]].copy_(piece)
@@ -120,46 +131,64 @@ def _newton_schulz_jobs(
     kernel: str,
     graphs: dict | None,
     static_inputs: bool = False,
+    squares: list[list[torch.Tensor]] | None = None,
 ) -> list[torch.Tensor]:
-    """Hybrid NS of each job (a list of same-shape [b_i, n, m] pieces stacked into one batch)."""
+    """Hybrid NS of each job (a list of same-shape [b_i, n, m] pieces stacked into one batch).
+
+    squares: per job, the fp32 [b_i, parts] sums of squares of its pieces (hybrid_newton_schulz's sum_squares).
+    """
     if not jobs:
         return []
     device = jobs[0][0].device
     shapes = [(sum(p.shape[0] for p in job), *job[0].shape[1:]) for job in jobs]
+    square_shapes = [(shape[0], *pieces[0].shape[1:]) for shape, pieces in zip(shapes, squares or [])]
     if graphs is None or device.type != "cuda":
-        stacks = [
-            _stack_into(torch.empty(shape, dtype=dtype, device=device), job) if len(job) > 1 else job[0]
-            for shape, job in zip(shapes, jobs)
+        stacks = [_stacked(job, shape, dtype) for shape, job in zip(shapes, jobs)]
+        square_stacks = [_stacked(p, s, torch.float32) for s, p in zip(square_shapes, squares or [])]
+        return [
+            hybrid_newton_schulz(x, dtype=dtype, kernel=kernel, sum_squares=sq)
+            for x, sq in zip(stacks, square_stacks or [None] * len(stacks))
         ]
-        return [hybrid_newton_schulz(x, dtype=dtype, kernel=kernel) for x in stacks]
 
     # CUDA graph: a step launches ~34 kernels per bucket (10 iterations × 3 products + normalisation), which
     # leaves small buckets launch-bound; one replay per step removes that. Shapes are fixed from step to step.
-    key = (dtype, kernel, tuple(shapes))
+    key = (dtype, kernel, tuple(shapes), tuple(square_shapes))
     entry = graphs.get(key)
     if entry is None:
-        if static_inputs and all(len(job) == 1 and job[0].is_contiguous() and job[0].dtype == dtype for job in jobs):
-            static_in = [job[0] for job in jobs]
-        else:
-            static_in = [
-                _stack_into(torch.empty(shape, dtype=dtype, device=device), job) for shape, job in zip(shapes, jobs)
-            ]
+        static_in = [_static_input(job, shape, dtype, static_inputs) for shape, job in zip(shapes, jobs)]
+        static_sq = [_static_input(p, s, torch.float32, static_inputs) for s, p in zip(square_shapes, squares or [])]
+        run = lambda: [  # noqa: E731
+            hybrid_newton_schulz(x, dtype=dtype, kernel=kernel, sum_squares=sq)
+            for x, sq in zip(static_in, static_sq or [None] * len(static_in))
+        ]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up outside the capture: cuBLAS workspaces, Triton autotuning
-            for x in static_in:
-                hybrid_newton_schulz(x, dtype=dtype, kernel=kernel)
+            run()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            static_out = [hybrid_newton_schulz(x, dtype=dtype, kernel=kernel) for x in static_in]
-        entry = graphs[key] = (graph, static_in, static_out)
+            static_out = run()
+        entry = graphs[key] = (graph, static_in + static_sq, static_out)
     else:
-        for buffer, job in zip(entry[1], jobs):
-            if len(job) > 1 or job[0].data_ptr() != buffer.data_ptr():
-                _stack_into(buffer, job)
+        for buffer, pieces in zip(entry[1], jobs + (squares or [])):
+            if len(pieces) > 1 or pieces[0].data_ptr() != buffer.data_ptr():
+                _stack_into(buffer, pieces)
     entry[0].replay()
     return entry[2]
+
+
+def _stacked(pieces: list[torch.Tensor], shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    if len(pieces) == 1:
+        return pieces[0]
+    return _stack_into(torch.empty(shape, dtype=dtype, device=pieces[0].device), pieces)
+
+
+def _static_input(pieces: list[torch.Tensor], shape: tuple[int, ...], dtype: torch.dtype, static: bool) -> torch.Tensor:
+    """The graph's input for `pieces`: the piece itself when the caller keeps it in place, else a staging copy."""
+    if static and len(pieces) == 1 and pieces[0].is_contiguous() and pieces[0].dtype == dtype:
+        return pieces[0]
+    return _stack_into(torch.empty(shape, dtype=dtype, device=pieces[0].device), pieces)
 
 
 def _scatter_back(stacked: torch.Tensor, indices: list[int], blocks: list[torch.Tensor], results: list) -> None:

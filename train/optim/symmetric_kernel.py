@@ -1,14 +1,19 @@
-"""Triton kernel for the symmetric products of Newton–Schulz (spec §3.11): C = alpha·X·Xᵀ + beta·D.
+"""Triton kernel for the symmetric products of Newton–Schulz (spec §3.11): C = s·(alpha·X·Xᵀ + beta·D + delta·I).
 
 In a Newton–Schulz step both A = X·Xᵀ and B = b·A + c·A·A are symmetric, and since A = Aᵀ the second is
 c·A·Aᵀ + b·A: the same "Gram plus addend" product. Only the tiles on and above the diagonal are computed;
 each off-diagonal tile is also stored transposed below the diagonal. That halves the work of two of the
 three matmuls of a step (the third, B·X, is a general product left to cuBLAS).
 
+The optional per-matrix factor s and diagonal term delta·I let the first Newton–Schulz step take an
+unnormalised X (train.optim.newton_schulz, `sum_squares`): A₀ = X·Xᵀ/‖X‖², B₀ = (a·I + b·A₀ + c·A₀²)/‖X‖,
+X₁ = B₀·X, so the separate X/‖X‖ pass over the whole matrix disappears.
+
 Imported lazily by `train.optim.newton_schulz` only when ns_kernel="triton", so CPU runs never need Triton.
 The torch reference is `torch.baddbmm(D, X, X.mT, beta=beta, alpha=alpha)`.
 
-Shapes: X [batch, n, k] (row-major, contiguous), D [batch, n, n] symmetric or None, C [batch, n, n].
+Shapes: X [batch, n, k] (row-major, contiguous), D [batch, n, n] symmetric or None, s fp32 [batch] or None,
+C [batch, n, n].
 TRITON_INTERPRET=1 (Triton installed, no GPU) runs the kernel on CPU tensors for debugging.
 """
 
@@ -28,13 +33,15 @@ _CONFIGS = [
 
 @triton.jit
 def _gram_upper_kernel(
-    x_ptr, d_ptr, c_ptr,
+    x_ptr, d_ptr, c_ptr, scale_ptr,
     N, K,
     stride_xb, stride_xn, stride_xk,
     stride_db, stride_dn, stride_dm,
     stride_cb, stride_cn, stride_cm,
-    alpha, beta,
+    alpha, beta, delta,
     HAS_ADDEND: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_DIAGONAL: tl.constexpr,
     IEEE_FP32: tl.constexpr,
     BLOCK: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -87,6 +94,11 @@ def _gram_upper_kernel(
     if HAS_ADDEND:
         d_ptrs = d_ptr + bid * stride_db + rows[:, None] * stride_dn + cols[None, :] * stride_dm
         acc += beta * tl.load(d_ptrs, mask=out_mask, other=0.0).to(tl.float32)
+    if HAS_DIAGONAL:
+        if ti == tj:
+            acc += tl.where(rows[:, None] == cols[None, :], delta, 0.0)
+    if HAS_SCALE:
+        acc = acc * tl.load(scale_ptr + bid)
     out = acc.to(c_ptr.dtype.element_ty)
     c_base = c_ptr + bid * stride_cb
     tl.store(c_base + rows[:, None] * stride_cn + cols[None, :] * stride_cm, out, mask=out_mask)
@@ -117,9 +129,14 @@ def symmetric_gram(
     alpha: float = 1.0,
     beta: float = 0.0,
     addend: torch.Tensor | None = None,
+    diagonal: float | None = None,
+    scale: torch.Tensor | None = None,
     config: dict | None = None,
 ) -> torch.Tensor:
-    """alpha·X·Xᵀ + beta·addend for X [batch, n, k] (CUDA, contiguous); addend [batch, n, n] symmetric or None.
+    """scale·(alpha·X·Xᵀ + beta·addend + diagonal·I) for X [batch, n, k] (CUDA, contiguous).
+
+    addend: [batch, n, n] symmetric or None; diagonal: added to the diagonal, or None; scale: fp32 [batch]
+    (one factor per matrix, on X's device) or None. The whole sum is formed in fp32 and rounded once.
 
     config: fixed launch parameters {"BLOCK", "BLOCK_K", "num_warps", "num_stages"}; None autotunes per (n, k).
     Returns C [batch, n, n] in X's dtype, accumulated in fp32.
@@ -137,16 +154,22 @@ def symmetric_gram(
         d = addend
     else:
         d = C  # never read: HAS_ADDEND=False
+    if scale is not None and (scale.shape != (batch,) or scale.dtype != torch.float32 or scale.device != X.device):
+        raise ValueError(
+            f"scale must be fp32 [{batch}] on {X.device}, got {scale.dtype} {tuple(scale.shape)} on {scale.device}"
+        )
     grid = lambda meta: (_grid_size(n, meta["BLOCK"])[0], batch)
     kernel = _gram_upper_kernel_tuned if config is None else _gram_upper_kernel
     kernel[grid](
-        X, d, C,
+        X, d, C, scale if scale is not None else C,
         n, k,
         X.stride(0), X.stride(1), X.stride(2),
         d.stride(0), d.stride(1), d.stride(2),
         C.stride(0), C.stride(1), C.stride(2),
-        alpha, beta,
+        alpha, beta, diagonal or 0.0,
         HAS_ADDEND=addend is not None,
+        HAS_SCALE=scale is not None,
+        HAS_DIAGONAL=diagonal is not None,
         IEEE_FP32=X.dtype == torch.float32,
         **(config or {}),
     )
