@@ -383,7 +383,7 @@ def run(cfg: Config) -> dict:
         collect = cfg.train.stats_every > 0 and step % cfg.train.stats_every == 0
 
         # anticipatory routing: route the batch of step + lookahead with today's parameters
-        ar_s = 0.0
+        ar_s = optimizer_s = 0.0
         if routing.active(step):
             ta = time.perf_counter()
             routing.precompute(module, step, accum, lambda ahead, micro: batches_of.peek(step, ahead, micro),
@@ -442,7 +442,11 @@ def run(cfg: Config) -> dict:
             for moe in module.moe_layers():
                 moe.expert_load.zero_()
         else:
+            t_opt = time.perf_counter()
             engine.step()
+            if ctx.device.type == "cuda":       # the step's kernels run asynchronously: time them, not their launch
+                torch.cuda.synchronize(ctx.device)
+            optimizer_s = time.perf_counter() - t_opt
         loads = [moe.expert_load.clone() for moe in module.moe_layers()]
         if ctx.distributed:
             from train.parallel import reduce_expert_load
@@ -458,7 +462,7 @@ def run(cfg: Config) -> dict:
                "balance_loss": sums["balance"], "indexer_loss": sums["indexer"], "lr": lr,
                "grad_norm": grad_norm, "tokens_per_s": tokens / dt, "tokens": state.tokens,
                "step_time_s": dt, "mtp_weight": lam, "anticipatory_routing": routing.active(step),
-               "anticipatory_routing_s": ar_s, "skipped": action in ("skip", "rollback")}
+               "anticipatory_routing_s": ar_s, "optimizer_s": optimizer_s, "skipped": action in ("skip", "rollback")}
         if peak:
             row["mfu"] = tokens / dt / ctx.world_size * flops_token / (peak * 1e12)
         row.update(load_metrics(loads, full=collect))

@@ -1,6 +1,7 @@
 """Single-process Muon: the spec §3.11 update, update RMS (§5.11), the AdamW half, checkpoints, LR schedule."""
 
 import copy
+import importlib.util
 import io
 import math
 
@@ -183,9 +184,10 @@ def test_cuda_graph_replay_equals_eager_steps(kernel):
     torch.manual_seed(0)
     graphed_model = MiniV4().cuda()
     eager_model = copy.deepcopy(graphed_model)
-    cfg = OptimConfig(lr=0.02, ns_kernel=kernel, ns_cuda_graphs=True)
+    cfg = OptimConfig(lr=0.02, ns_kernel=kernel, muon_elementwise="foreach", ns_cuda_graphs=True)
     graphed = Muon(param_groups_for(graphed_model, cfg), cfg)
-    eager = Muon(param_groups_for(eager_model, cfg), OptimConfig(lr=0.02, ns_kernel=kernel, ns_cuda_graphs=False))
+    eager = Muon(param_groups_for(eager_model, cfg),
+                 OptimConfig(lr=0.02, ns_kernel=kernel, muon_elementwise="foreach", ns_cuda_graphs=False))
     for step in range(3):  # step 0 captures, steps 1-2 replay with new gradients
         set_random_grads(graphed_model, step)
         set_random_grads(eager_model, step)
@@ -200,6 +202,18 @@ def test_cuda_graph_replay_equals_eager_steps(kernel):
 def test_config_rejects_unknown_elementwise_path():
     with pytest.raises(ValueError, match="muon_elementwise"):
         OptimConfig(muon_elementwise="cuda").validate()
+
+
+def test_auto_fast_paths_resolve_per_device():
+    cpu = OptimConfig().resolved(torch.device("cpu"))
+    assert (cpu.ns_kernel, cpu.muon_elementwise) == ("torch", "foreach")
+    with pytest.raises(ValueError, match="ns_kernel='triton' needs CUDA"):
+        OptimConfig(ns_kernel="triton").resolved(torch.device("cpu"))
+    model = MiniV4()
+    assert Muon(param_groups_for(model, CFG), CFG).cfg.ns_kernel == "torch"
+    if torch.cuda.is_available() and importlib.util.find_spec("triton") is not None:
+        gpu = OptimConfig().resolved(torch.device("cuda"))
+        assert (gpu.ns_kernel, gpu.muon_elementwise) == ("triton", "triton")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA and Triton")

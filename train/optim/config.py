@@ -1,6 +1,10 @@
 """Optimizer and learning-rate schedule configuration (spec §2.2, §3.11)."""
 
+import dataclasses
+import importlib.util
 from dataclasses import dataclass
+
+import torch
 
 
 @dataclass
@@ -36,12 +40,14 @@ class OptimConfig:
     """Target RMS γ of a Muon update: the orthogonalized matrix is scaled by sqrt(max(n, m))·γ."""
     ns_dtype: str = "auto"
     """Newton–Schulz compute dtype: "auto" (bf16 on GPU, fp32 on CPU), "bfloat16" or "float32"."""
-    ns_kernel: str = "torch"
-    """Newton–Schulz implementation: "torch" (reference, any device) or "triton" (symmetric-product kernel, CUDA only)."""
-    muon_elementwise: str = "foreach"
-    """Memory-bound half of the Muon step: "foreach" (torch foreach ops, reference, any device) or "triton"
+    ns_kernel: str = "auto"
+    """Newton–Schulz implementation: "torch" (reference, any device), "triton" (symmetric-product kernel, CUDA
+    only) or "auto" (triton on CUDA when Triton is installed, else torch)."""
+    muon_elementwise: str = "auto"
+    """Memory-bound half of the Muon step: "foreach" (torch foreach ops, reference, any device), "triton"
     (fused momentum + look-ahead + cast into the NS buffers, fused decayed update; CUDA, plain parameters only,
-    other layouts fall back to "foreach"). See train.optim.bucketed_step."""
+    other layouts fall back to "foreach"; see train.optim.bucketed_step) or "auto" (triton on CUDA when Triton
+    is installed, else foreach)."""
     fold_ns_normalization: bool = True
     """With muon_elementwise="triton": the look-ahead pass also writes each matrix's sum of squares, and Newton–
     Schulz folds 1/‖X‖ into its first step (ns_kernel="triton") or divides by the given norm (ns_kernel="torch")
@@ -52,10 +58,10 @@ class OptimConfig:
     overlap_adamw: bool = False
     """On CUDA, run the AdamW half of the step on a side stream once the Muon look-ahead is written, so its
     memory-bound pass overlaps the compute-bound Newton–Schulz; the step ends when both have. Same results."""
-    ns_cuda_graphs: bool = False
+    ns_cuda_graphs: bool = True
     """On CUDA, capture each step's Newton–Schulz (fixed shapes) in a CUDA graph and replay it: fewer launches,
     which matters once the work is shared over ranks (h200_1b, 8 ranks: 8.0 → 5.6 ms; 1 GPU: 39.0 vs 40.3 ms).
-    Off by default until its bit-equality test (tests/optim/test_muon.py) has run on a GPU."""
+    Bit-identical to eager (tests/optim/test_muon.py, run on an H200). No effect on CPU."""
     grad_clip: float = 1.0
     """Global gradient-norm clip applied to the raw gradients before the step (0 disables); the training loop applies it."""
     hc_fn_muon: bool = True
@@ -71,10 +77,10 @@ class OptimConfig:
         """Raise ValueError naming the field and the fix when a value is out of range."""
         if self.ns_dtype not in ("auto", "bfloat16", "float32"):
             raise ValueError(f"OptimConfig.ns_dtype={self.ns_dtype!r}: use 'auto', 'bfloat16' or 'float32'")
-        if self.ns_kernel not in ("torch", "triton"):
-            raise ValueError(f"OptimConfig.ns_kernel={self.ns_kernel!r}: use 'torch' or 'triton'")
-        if self.muon_elementwise not in ("foreach", "triton"):
-            raise ValueError(f"OptimConfig.muon_elementwise={self.muon_elementwise!r}: use 'foreach' or 'triton'")
+        if self.ns_kernel not in ("auto", "torch", "triton"):
+            raise ValueError(f"OptimConfig.ns_kernel={self.ns_kernel!r}: use 'auto', 'torch' or 'triton'")
+        if self.muon_elementwise not in ("auto", "foreach", "triton"):
+            raise ValueError(f"OptimConfig.muon_elementwise={self.muon_elementwise!r}: use 'auto', 'foreach' or 'triton'")
         if not 0.0 <= self.decay_start_fraction <= 1.0:
             raise ValueError(f"OptimConfig.decay_start_fraction={self.decay_start_fraction}: must lie in [0, 1]")
         if self.min_lr > self.lr:
@@ -83,3 +89,15 @@ class OptimConfig:
             raise ValueError(f"OptimConfig.warmup_steps={self.warmup_steps}: must be >= 0")
         if not 0.0 <= self.muon_momentum < 1.0:
             raise ValueError(f"OptimConfig.muon_momentum={self.muon_momentum}: must lie in [0, 1)")
+
+    def resolved(self, device: torch.device) -> "OptimConfig":
+        """This config with the "auto" fast paths decided for parameters on `device`; an explicit
+        "triton" without CUDA or without Triton installed is an error here, before any step."""
+        fast = device.type == "cuda" and importlib.util.find_spec("triton") is not None
+        kernel = self.ns_kernel if self.ns_kernel != "auto" else ("triton" if fast else "torch")
+        elementwise = self.muon_elementwise if self.muon_elementwise != "auto" else ("triton" if fast else "foreach")
+        for name, value in (("ns_kernel", kernel), ("muon_elementwise", elementwise)):
+            if value == "triton" and not fast:
+                raise ValueError(f"OptimConfig.{name}='triton' needs CUDA parameters and Triton installed (device "
+                                 f"{device}); use {name}='auto'")
+        return dataclasses.replace(self, ns_kernel=kernel, muon_elementwise=elementwise)

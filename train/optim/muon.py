@@ -64,7 +64,8 @@ class Muon(torch.optim.Optimizer):
         expert_tp_group: dist.ProcessGroup | None = None,
     ):
         cfg.validate()
-        self.cfg = cfg
+        params = [m.param for m in grouping.muon] + [a.param for a in grouping.adamw]
+        self.cfg = cfg.resolved(params[0].device if params else torch.device("cpu"))
         self.grouping = grouping
         self.dp_group = dp_group
         self.expert_dp_group = expert_dp_group
