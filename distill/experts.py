@@ -10,6 +10,7 @@ student's vocabulary. The stage writes experts/teachers.json, the manifest the t
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 from pathlib import Path
@@ -23,6 +24,19 @@ from train.config import Config, RunConfig
 log = logging.getLogger("distill")
 
 
+class StageStopped(RuntimeError):
+    """A stage saved its state and stopped on SIGTERM/SIGINT; the job ends, run.resume=auto continues it."""
+
+
+def finished_steps(run_dir: Path) -> int:
+    """Steps of the run in run_dir that ended normally (its summary.json), 0 if none did."""
+    summary = run_dir / "summary.json"
+    if not summary.is_file():
+        return 0
+    recorded = json.loads(summary.read_text())
+    return 0 if recorded.get("stopped_by_signal") else int(recorded.get("steps", 0))
+
+
 def expert_names(domains: Sequence[str], per_domain: int) -> List[tuple]:
     """(name, domain) of every expert: the domain itself, or '<domain>.<k>' with several per domain."""
     if per_domain == 1:
@@ -31,8 +45,8 @@ def expert_names(domains: Sequence[str], per_domain: int) -> List[tuple]:
 
 
 def expert_config(job: DistillJobConfig, name: str, domain: str, index: int, base: Path, tokenizer_dir: Path,
-                  run_dir: Path) -> Config:
-    """The training config of one expert's fine-tune."""
+                  run_dir: Path, resume: str = "never") -> Config:
+    """The training config of one expert's fine-tune (`resume`: its run.resume)."""
     experts = job.distill.experts
     optim = dataclasses.replace(job.optim, lr=experts.lr if experts.lr is not None else job.optim.lr,
                                 min_lr=min(job.optim.min_lr, experts.lr if experts.lr is not None else math.inf))
@@ -45,7 +59,7 @@ def expert_config(job: DistillJobConfig, name: str, domain: str, index: int, bas
         logging=job.logging,
         # a distinct seed per expert: its own data order (per_domain > 1 gives distinct fine-tunes)
         run=RunConfig(dir=str(run_dir), name=f"{job.run.name}-expert-{name}", seed=job.run.seed + 1 + index,
-                      resume="never", overwrite=False, init_from=str(base)),
+                      resume=resume, overwrite=False, init_from=str(base)),
     )
 
 
@@ -53,19 +67,25 @@ def train_experts(job: DistillJobConfig, domains: Sequence[str], base: Path, tok
                   run_training: Callable[[Config], dict], reuse_finished: bool) -> tuple:
     """Fine-tune every expert into out_dir/<name>/; returns (teacher specs, per-expert summaries).
 
-    `run_training` is `train.loop.run`; with `reuse_finished`, an expert whose directory already
-    holds a finished run (summary.json) is kept instead of retrained.
+    `run_training` is `train.loop.run`; with `reuse_finished` (run.resume=auto), an expert whose
+    directory holds a run that finished its steps is kept, and one that was interrupted continues
+    from its newest checkpoint. An expert stopped by SIGTERM/SIGINT raises `StageStopped`.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     specs, summaries = [], {}
+    steps = job.distill.experts.max_steps
     for index, (name, domain) in enumerate(expert_names(domains, job.distill.experts.per_domain)):
         run_dir = out_dir / name
-        if reuse_finished and (run_dir / "summary.json").is_file():
+        if reuse_finished and finished_steps(run_dir) == steps:
             log.info("expert %s: reusing the finished run in %s", name, run_dir)
             summaries[name] = {"run_dir": str(run_dir), "reused": True}
         else:
-            log.info("expert %s: fine-tuning on domain %r for %d steps", name, domain, job.distill.experts.max_steps)
-            summaries[name] = run_training(expert_config(job, name, domain, index, base, tokenizer_dir, run_dir))
+            resume = "auto" if reuse_finished and run_dir.exists() else "never"
+            log.info("expert %s: fine-tuning on domain %r for %d steps%s", name, domain, steps,
+                     " (continuing its run)" if resume == "auto" else "")
+            summaries[name] = run_training(expert_config(job, name, domain, index, base, tokenizer_dir, run_dir, resume))
+            if summaries[name].get("stopped_by_signal"):
+                raise StageStopped(f"expert {name} stopped by a signal after saving a checkpoint")
         checkpoint = latest_valid_checkpoint(run_dir / "checkpoints")
         if checkpoint is None:
             raise RuntimeError(f"expert {name} finished without a valid checkpoint in {run_dir}/checkpoints")

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from distill.config import DistillJobConfig, validate
-from distill.experts import train_experts
+from distill.experts import StageStopped, train_experts
 from distill.opd import run_opd
 from distill.rollout import PromptSets
 from distill.summary import print_summary
@@ -120,8 +120,12 @@ def run(job: DistillJobConfig) -> dict:
         if unknown:
             raise ValueError(f"distill.experts.domains has {unknown}, which the data does not have; domains: "
                              f"{data.domains}")
-        _, summary["experts"] = train_experts(job, domains, base, tokenizer_dir, run_dir / "experts", run_training,
-                                              reuse_finished=job.run.resume == "auto")
+        try:
+            _, summary["experts"] = train_experts(job, domains, base, tokenizer_dir, run_dir / "experts",
+                                                  run_training, reuse_finished=job.run.resume == "auto")
+        except StageStopped as stop:
+            log.warning("%s; the job stops here, run.resume=auto on run.dir=%s continues it", stop, run_dir)
+            return dict(summary, stopped_by_signal=True)
         setup_logging(run_dir)  # each fine-tune pointed the log handlers at its own run directory
         manifest = run_dir / "experts" / "teachers.json"
 
@@ -139,5 +143,9 @@ def run(job: DistillJobConfig) -> dict:
             # continue this run's OPD, or start afresh (an old OPD directory is moved aside, not deleted)
             opd_dir = prepare_run_dir(opd_dir, "auto" if resume_from else "never", overwrite=resume_from is None)
             summary["opd"] = run_opd(job, student, pool, prompts, data.tokenizer, device, opd_dir, resume_from)
+            if summary["opd"].get("stopped_by_signal"):
+                log.warning("OPD stopped by a signal at %s; run.resume=auto on run.dir=%s continues it",
+                            summary["opd"]["checkpoint"], run_dir)
+                return dict(summary, stopped_by_signal=True)
     print_summary(summary, run_dir)
     return summary

@@ -167,3 +167,36 @@ def test_interrupted_opd_resumes_and_takes_the_same_steps(tmp_path, base_run, sm
     kept = run(compose_job(*overrides, "run.resume=auto"))
     assert kept["opd"]["eval_kl_last"] == straight["opd"]["eval_kl_last"]
     assert len(read_jsonl(opd_dir / "metrics.jsonl")) == 6
+
+
+@pytest.mark.slow
+def test_preempted_distill_job_continues_its_expert_with_resume_auto(tmp_path, base_run, small_job_overrides):
+    import signal
+    import time
+
+    run_dir = tmp_path / "job"
+    overrides = [o for o in small_job_overrides if not o.startswith("logging.wandb")]
+    cmd = [sys.executable, "-m", "distill", *overrides, "logging.wandb=false", f"distill.base={base_run}",
+           f"run.dir={run_dir}", "distill.experts.max_steps=30", "train.checkpoint_every=2",
+           "train.global_batch=4", "train.eval_batches=1", "distill.opd.steps=2",
+           "distill.opd.rollout.prompts_per_teacher=1", "distill.opd.rollout.max_new_tokens=4",
+           "distill.opd.eval_prompts=1"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_SILENT="true")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    first = run_dir / "experts" / "code" / "metrics.jsonl"
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None and not (
+            first.exists() and len(first.read_text().splitlines()) >= 3):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)            # pre-emption while the first expert trains
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    stopped_at = len(read_jsonl(first))
+    assert stopped_at < 30 and "run.resume=auto" in err
+    assert not (run_dir / "experts" / "math").exists() and not (run_dir / "summary.json").exists()
+
+    proc = subprocess.run([*cmd, "run.resume=auto"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    steps = [r["step"] for r in read_jsonl(first)]
+    assert steps == list(range(1, 31)), steps     # continued after step stopped_at, nothing redone
+    assert json.loads((run_dir / "summary.json").read_text())["opd"]["steps"] == 2

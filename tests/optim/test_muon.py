@@ -309,39 +309,34 @@ def test_fused_elementwise_kernels_match_torch():
         torch.testing.assert_close(meta.param.detach(), want, atol=1e-6, rtol=0, msg=meta.name)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA and Triton")
-@pytest.mark.parametrize("elementwise", ["foreach", "triton"])
-def test_adamw_on_a_side_stream_gives_identical_steps(elementwise):
+def _assert_identical_steps(overlapped_cfg: OptimConfig, serial_cfg: OptimConfig) -> None:
+    """Three steps of MiniV4 on CUDA under both configs end with bit-identical parameters."""
     torch.manual_seed(0)
     overlapped_model = MiniV4().cuda()
     serial_model = copy.deepcopy(overlapped_model)
-    kwargs = dict(lr=0.02, weight_decay=0.1, muon_elementwise=elementwise)
-    overlapped = Muon(param_groups_for(overlapped_model, CFG), OptimConfig(overlap_adamw=True, **kwargs))
-    serial = Muon(param_groups_for(serial_model, CFG), OptimConfig(overlap_adamw=False, **kwargs))
+    overlapped = Muon(param_groups_for(overlapped_model, CFG), overlapped_cfg)
+    serial = Muon(param_groups_for(serial_model, CFG), serial_cfg)
     for step in range(3):
         set_random_grads(overlapped_model, step)
         set_random_grads(serial_model, step)
         overlapped.step()
         serial.step()
-    # The same kernels on the same values, only on another stream: bit-identical.
     for (name, a), b in zip(overlapped_model.named_parameters(), serial_model.parameters()):
         assert torch.equal(a, b), (name, (a - b).abs().max().item())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA and Triton")
+@pytest.mark.parametrize("elementwise", ["foreach", "triton"])
+def test_adamw_on_a_side_stream_gives_identical_steps(elementwise):
+    # The same kernels on the same values, only on another stream: bit-identical.
+    kwargs = dict(lr=0.02, weight_decay=0.1, muon_elementwise=elementwise)
+    _assert_identical_steps(OptimConfig(overlap_adamw=True, **kwargs), OptimConfig(overlap_adamw=False, **kwargs))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA and Triton")
 @pytest.mark.parametrize("graphs", [False, True])
 def test_update_on_a_side_stream_gives_identical_steps(graphs):
-    torch.manual_seed(0)
-    overlapped_model = MiniV4().cuda()
-    serial_model = copy.deepcopy(overlapped_model)
-    kwargs = dict(lr=0.02, weight_decay=0.1, muon_elementwise="triton", ns_kernel="triton", ns_cuda_graphs=graphs)
-    overlapped = Muon(param_groups_for(overlapped_model, CFG), OptimConfig(overlap_muon_update=True, **kwargs))
-    serial = Muon(param_groups_for(serial_model, CFG), OptimConfig(overlap_muon_update=False, **kwargs))
-    for step in range(3):
-        set_random_grads(overlapped_model, step)
-        set_random_grads(serial_model, step)
-        overlapped.step()
-        serial.step()
     # The same kernels on the same values (NS per bucket instead of per group), updates on another stream.
-    for (name, a), b in zip(overlapped_model.named_parameters(), serial_model.parameters()):
-        assert torch.equal(a, b), (name, (a - b).abs().max().item())
+    kwargs = dict(lr=0.02, weight_decay=0.1, muon_elementwise="triton", ns_kernel="triton", ns_cuda_graphs=graphs)
+    _assert_identical_steps(OptimConfig(overlap_muon_update=True, **kwargs),
+                            OptimConfig(overlap_muon_update=False, **kwargs))
