@@ -194,7 +194,7 @@ def convert(ckpt_path: Path, out_root: Optional[Path] = None) -> Path:
     """Write the universal form of checkpoint `ckpt_path` (or a run's newest valid one) under
     `out_root` (default `universal_dir`); returns the new checkpoint directory. Never touches the source."""
     ckpt_path = resolve_checkpoint(ckpt_path, "checkpoint")
-    ckpt = load_checkpoint(ckpt_path)
+    ckpt = load_checkpoint(ckpt_path, mmap=True)     # rank files are read where their fragments lie
     meta = dict(ckpt["_meta"])
     if meta.get("layout") == UNIVERSAL:
         raise ValueError(f"{ckpt_path} is already universal; resume from it directly")
