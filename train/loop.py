@@ -281,6 +281,8 @@ def run(cfg: Config) -> dict:
                       global_batch=cfg.train.micro_batch * ctx.dp_size, dp_rank=ctx.dp_rank,
                       dp_size=ctx.dp_size, seed=cfg.run.seed)
     log.info("%s", data.summary())
+    if ctx.is_main:     # the run's tokenizer travels with its checkpoints (a trained BPE exists nowhere else)
+        data.tokenizer.save(run_dir / "tokenizer")
     model = build_model(cfg.model, ctx.device, cfg.run.seed, cfg.train.stage)
     log.info("model: %.3fM parameters (%.3fM active per token, MTP excluded)",
              model.num_parameters() / 1e6, model.num_parameters(active=True) / 1e6)
@@ -501,6 +503,7 @@ def run(cfg: Config) -> dict:
         "first_loss": first_loss, "final_loss": last_row.get("lm_loss"),
         "ln_vocab": math.log(cfg.model.vocab_size), "eval": last_eval, "resumed_from": resumed_from,
         "stopped_by_signal": stopping, "layout": layout_of(ctx, cfg),
+        "tokenizer": str(run_dir / "tokenizer"), "tokenizer_fingerprint": data.tokenizer.fingerprint,
     }
     metrics.close(summary)
     if ctx.is_main:

@@ -51,6 +51,13 @@ def test_five_steps_write_the_run_directory_and_learn_a_fixed_batch(tmp_path):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 5 and set(summary["eval"]) == {"code_loss", "math_loss", "prose_loss"}
 
+    # the run's tokenizer travels with it: the BPE it trained, loadable without the data
+    from train.data.tokenizer import load_tokenizer_dir
+    saved = load_tokenizer_dir(run_dir / "tokenizer")
+    text = "def f(x):\n    return 2 * x + 1"
+    assert saved.decode(saved.encode(text)) == text
+    assert saved.fingerprint == summary["tokenizer_fingerprint"]
+
 
 @pytest.mark.slow
 def test_bad_input_gives_one_line_errors_and_keeps_earlier_runs(tmp_path):
