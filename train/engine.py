@@ -6,7 +6,7 @@ skip_step / set_lr / state_dict), so the loop does not care which one it drives.
 
 from __future__ import annotations
 
-from typing import Dict
+from typing import Mapping
 
 import torch
 from torch import nn
@@ -63,7 +63,7 @@ class LocalEngine:
         return {"kind": "local", "names": optimizer_param_names(self.optimizer, name_of)}
 
     @torch.no_grad()
-    def load_universal(self, params: Dict[str, ParamState]) -> None:
+    def load_universal(self, params: Mapping[str, ParamState]) -> None:
         """Weights and optimizer state from a universal checkpoint (train.universal), any source layout."""
         name_of = {id(p): name for name, p in self.model.named_parameters()}
         for group in self.optimizer.param_groups:

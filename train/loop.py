@@ -35,7 +35,7 @@ from train.optim import lr_at
 from train.rundir import default_run_dir, prepare_run_dir, write_run_record
 from train.spikes import SpikeDetector
 from train.summary import print_summary
-from train.universal import UNIVERSAL, universal_dir
+from train.universal import UNIVERSAL, UniversalParams, universal_dir
 
 log = logging.getLogger("train")
 
@@ -325,8 +325,7 @@ def run(cfg: Config) -> dict:
         universal = checkpoint_meta(path).get("layout") == UNIVERSAL
         own_part = UNIVERSAL if universal else f"rank{ctx.rank:05d}"
         parts = ["trainer", own_part] + ([] if weights_loaded else ["model"])
-        # every rank reads the whole universal part and keeps its slices
-        ckpt = load_checkpoint(path, parts=parts, verify=not weights_loaded, mmap=universal)
+        ckpt = load_checkpoint(path, parts=parts, verify=not weights_loaded)
         if not weights_loaded:
             if ctx.distributed:      # rollback: the optimizer's fp32 masters carry the weights back
                 params = {name for name, _ in module.named_parameters()}
@@ -336,7 +335,7 @@ def run(cfg: Config) -> dict:
                 module.load_state_dict(ckpt["model"])
         own = ckpt[own_part]
         if universal:
-            engine.load_universal(own["params"])
+            engine.load_universal(UniversalParams(path, own["files"]))
         else:
             engine.load_state_dict(own["optimizer"])
         routing.load_state_dict(own["routing"])

@@ -1,11 +1,12 @@
 """Layout-free ("universal") checkpoints: resume a run under another parallel layout (issue 6).
 
 A checkpoint holds one part per rank with that rank's optimizer state in its own layout (a ZeRO flat
-partition per parameter group, the expert shard's masters and state). `to_universal` rebuilds, from
-all rank parts, one full tensor per parameter name and state key — fp32 master weight, Muon's
+partition per parameter group, the expert shard's masters and state). `convert` rebuilds, from all
+rank parts, one full tensor per parameter name and state key — fp32 master weight, Muon's
 `momentum_buffer`, AdamW's `exp_avg` / `exp_avg_sq` and its `step` — under the single-device names
-and shapes, and writes it as a checkpoint of layout "universal" that any layout loads
-(`LocalEngine.load_universal`, `ParallelEngine.load_universal`).
+and shapes, and writes it as a checkpoint of layout "universal" (one file per parameter, built and
+written one at a time from the memory-mapped rank files) that any layout loads
+(`LocalEngine.load_universal`, `ParallelEngine.load_universal`, each rank reading only its slices).
 
 How the pieces go back together, from each rank part's shard record (`ParallelEngine.shard_record`):
 - dense parameters: ZeRO fragments (their addresses in the flattened local parameter and in the
@@ -30,6 +31,7 @@ import logging
 import math
 import re
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
@@ -89,100 +91,157 @@ def _rank_parts(ckpt: dict) -> List[dict]:
     return parts
 
 
-def _local_universal(part: dict, weights: Dict[str, torch.Tensor]) -> Dict[str, ParamState]:
+class _LocalSource:
     """One process (LocalEngine): the parameters are the fp32 masters, the state is per parameter."""
-    state = named_optimizer_state(part["optimizer"], part["shards"]["names"])
-    return {name: {FP32: weights[name].float(), **values} for name, values in state.items()}
+
+    def __init__(self, part: dict, weights: Dict[str, torch.Tensor]):
+        self.state = named_optimizer_state(part["optimizer"], part["shards"]["names"])
+        self.weights = weights
+
+    def names(self) -> List[str]:
+        return list(self.state)
+
+    def entry(self, name: str) -> ParamState:
+        return {FP32: self.weights[name].float(), **self.state[name]}
 
 
-def _dense_universal(parts: List[dict]) -> Dict[str, ParamState]:
+class _DenseSource:
     """ZeRO fragments -> per tensor-parallel rank local tensors -> tensor-parallel merge."""
-    local: Dict[Tuple[str, int], Dict[str, torch.Tensor]] = {}     # (name, tp_rank) -> key -> flat
-    covered: Dict[Tuple[str, int], int] = {}
-    scalars: Dict[str, Dict[str, float]] = {}
-    records: Dict[str, dict] = {}
-    for rank, part in enumerate(parts):
-        shards = part["shards"]
-        zero = part["optimizer"]["zero"]
-        group_state = zero[_ZERO_BASE]["state"]
-        for entry in shards["dense"]:
-            name, numel = entry["name"], entry["numel"]
-            records.setdefault(name, entry)
-            if numel == 0:
-                continue
-            key = (name, shards["tp_rank"])
-            size = math.prod(entry["shape"])
+
+    def __init__(self, parts: List[dict]):
+        self.parts = parts
+        self.tp = parts[0]["shards"]["tp"]
+        self.records: Dict[str, dict] = {}
+        self.pieces: Dict[str, List[Tuple[int, dict]]] = {}     # name -> (rank, fragment record)
+        for rank, part in enumerate(parts):
+            for entry in part["shards"]["dense"]:
+                self.records.setdefault(entry["name"], entry)
+                if entry["numel"]:
+                    self.pieces.setdefault(entry["name"], []).append((rank, entry))
+
+    def names(self) -> List[str]:
+        return list(self.records)
+
+    def entry(self, name: str) -> ParamState:
+        record = self.records[name]
+        size, dim = math.prod(record["shape"]), record["partition_dim"]
+        local: Dict[int, Dict[str, torch.Tensor]] = {}           # tp_rank -> key -> flat
+        covered: Dict[int, int] = {}
+        scalars: Dict[str, float] = {}
+        for rank, entry in self.pieces.get(name, []):
+            shards, zero = self.parts[rank]["shards"], self.parts[rank]["optimizer"]["zero"]
             flats = {FP32: zero[_ZERO_FP32][entry["group"]]}
-            for state_key, value in group_state.get(entry["group"], {}).items():
+            for key, value in zero[_ZERO_BASE]["state"].get(entry["group"], {}).items():
                 if _is_tensor_state(value):
-                    flats[state_key] = value
+                    flats[key] = value
                 else:
-                    scalars.setdefault(name, {})[state_key] = _scalar(value)
-            slot = local.setdefault(key, {})
-            for state_key, flat in flats.items():
-                buf = slot.setdefault(state_key, torch.zeros(size, dtype=torch.float32))
-                buf[entry["lp_start"]: entry["lp_start"] + numel] = flat[entry["hp_start"]: entry["hp_start"] + numel]
-            covered[key] = covered.get(key, 0) + numel
-    tp = parts[0]["shards"]["tp"]
-    out: Dict[str, ParamState] = {}
-    for name, entry in records.items():
-        dim = entry["partition_dim"]
-        tp_ranks = range(tp) if dim is not None else [0]
+                    scalars[key] = _scalar(value)
+            slot = local.setdefault(shards["tp_rank"], {})
+            lp, hp, numel = entry["lp_start"], entry["hp_start"], entry["numel"]
+            for key, flat in flats.items():
+                buf = slot.setdefault(key, torch.zeros(size, dtype=torch.float32))
+                buf[lp: lp + numel] = flat[hp: hp + numel]
+            covered[shards["tp_rank"]] = covered.get(shards["tp_rank"], 0) + numel
+        tp_ranks = range(self.tp) if dim is not None else [0]
         for tp_rank in tp_ranks:
-            if covered.get((name, tp_rank), 0) != math.prod(entry["shape"]):
-                raise ValueError(f"{name}: the rank parts cover {covered.get((name, tp_rank), 0)} of "
-                                 f"{math.prod(entry['shape'])} values of tensor-parallel rank {tp_rank}; "
-                                 "the checkpoint is incomplete")
-        keys = local[(name, 0)].keys()
-        full = {}
-        for state_key in keys:
-            pieces = [local[(name, r)][state_key].view(entry["shape"]) for r in tp_ranks]
-            full[state_key] = torch.cat(pieces, dim) if dim is not None else pieces[0]
-        full.update(scalars.get(name, {}))
-        out[name] = full
-    return out
-
-
-def _expert_universal(parts: List[dict]) -> Dict[str, ParamState]:
-    """Expert shards of expert-parallel ranks 0..ep-1 concatenated along the expert dim."""
-    by_ep_rank: Dict[int, dict] = {}
-    for part in parts:
-        if part["shards"]["experts"]:
-            by_ep_rank.setdefault(part["shards"]["ep_rank"], part)     # replicas over expert data parallel
-    if not by_ep_rank:
-        return {}
-    ep = parts[0]["shards"]["ep"]
-    if sorted(by_ep_rank) != list(range(ep)):
-        raise ValueError(f"expert shards of expert-parallel ranks {sorted(by_ep_rank)} found, expected 0..{ep - 1}")
-    shard_states = []
-    for ep_rank in range(ep):
-        part = by_ep_rank[ep_rank]
-        experts = part["shards"]["experts"]
-        state = named_optimizer_state(part["optimizer"]["experts"], experts["optimizer_order"])
-        for name, master in zip(experts["master_order"], part["optimizer"]["expert_masters"]):
-            state[name][FP32] = master.float()
-        shard_states.append(state)
-    out: Dict[str, ParamState] = {}
-    for name in shard_states[0]:
+            if covered.get(tp_rank, 0) != size:
+                raise ValueError(f"{name}: the rank parts cover {covered.get(tp_rank, 0)} of {size} values of "
+                                 f"tensor-parallel rank {tp_rank}; the checkpoint is incomplete")
         full: ParamState = {}
-        for key, value in shard_states[0][name].items():
+        for key in local[0]:
+            shards_of_key = [local[r][key].view(record["shape"]) for r in tp_ranks]
+            full[key] = torch.cat(shards_of_key, dim) if dim is not None else shards_of_key[0]
+        full.update(scalars)
+        return full
+
+
+class _ExpertSource:
+    """Expert shards of expert-parallel ranks 0..ep-1 concatenated along the expert dim."""
+
+    def __init__(self, parts: List[dict]):
+        by_ep_rank: Dict[int, dict] = {}
+        for part in parts:
+            if part["shards"]["experts"]:
+                by_ep_rank.setdefault(part["shards"]["ep_rank"], part)     # replicas over expert data parallel
+        ep = parts[0]["shards"]["ep"]
+        if by_ep_rank and sorted(by_ep_rank) != list(range(ep)):
+            raise ValueError(f"expert shards of expert-parallel ranks {sorted(by_ep_rank)} found, expected 0..{ep - 1}")
+        self.shard_states = []
+        for ep_rank in sorted(by_ep_rank):
+            part = by_ep_rank[ep_rank]
+            experts = part["shards"]["experts"]
+            state = named_optimizer_state(part["optimizer"]["experts"], experts["optimizer_order"])
+            for name, master in zip(experts["master_order"], part["optimizer"]["expert_masters"]):
+                state[name][FP32] = master
+            self.shard_states.append(state)
+
+    def names(self) -> List[str]:
+        return list(self.shard_states[0]) if self.shard_states else []
+
+    def entry(self, name: str) -> ParamState:
+        full: ParamState = {}
+        for key, value in self.shard_states[0][name].items():
             if _is_tensor_state(value):
-                full[key] = torch.cat([s[name][key] for s in shard_states], 0)
+                full[key] = torch.cat([s[name][key].float() if key == FP32 else s[name][key]
+                                       for s in self.shard_states], 0)
             else:
                 full[key] = _scalar(value)
-        out[name] = full
-    return out
+        return full
 
 
-def to_universal(ckpt: dict) -> Dict[str, ParamState]:
-    """name -> {fp32, state keys...} with full single-device shapes, from a loaded checkpoint
-    (`load_checkpoint` with every part) written under any layout."""
+def universal_sources(ckpt: dict) -> list:
+    """The per-parameter converters of a loaded checkpoint (`load_checkpoint`, every part) written
+    under any layout: each has names() and entry(name) -> {fp32, state keys...} at the full
+    single-device shape, built on demand (one parameter in memory at a time)."""
     parts = _rank_parts(ckpt)
     if parts[0]["shards"]["kind"] == "local":
-        return _local_universal(parts[0], ckpt["model"])
-    params = _dense_universal(parts)
-    params.update(_expert_universal(parts))
-    return params
+        return [_LocalSource(parts[0], ckpt["model"])]
+    return [_DenseSource(parts), _ExpertSource(parts)]
+
+
+class _ConvertedParts(Mapping):
+    """The parts of a universal checkpoint, each parameter's built only when `save_checkpoint`
+    writes it: one file per parameter, so a conversion holds one parameter in memory at a time."""
+
+    def __init__(self, ckpt: dict):
+        named = [(name, source) for source in universal_sources(ckpt) for name in source.names()]
+        self.files = {name: f"param{index:05d}" for index, (name, _) in enumerate(named)}
+        self.params = {self.files[name]: (name, source) for name, source in named}
+        rank0 = ckpt["rank00000"]
+        self.fixed = {"model": ckpt["model"], "trainer": ckpt["trainer"],
+                      UNIVERSAL: {"files": self.files, "rng_cpu": rank0["rng_cpu"],
+                                  "routing": dict(rank0["routing"], cache={})}}
+
+    def __getitem__(self, part: str):
+        if part in self.fixed:
+            return self.fixed[part]
+        name, source = self.params[part]
+        return source.entry(name)
+
+    def __iter__(self):
+        return iter([*self.fixed, *self.params])
+
+    def __len__(self) -> int:
+        return len(self.fixed) + len(self.params)
+
+
+class UniversalParams(Mapping):
+    """name -> universal entry of a universal checkpoint, each read (memory-mapped) on access."""
+
+    def __init__(self, path: Path, files: Dict[str, str]):
+        self.path, self.files = Path(path), files
+
+    def __getitem__(self, name: str) -> ParamState:
+        return torch.load(self.path / f"{self.files[name]}.pt", map_location="cpu", weights_only=False, mmap=True)
+
+    def __contains__(self, name) -> bool:
+        return name in self.files
+
+    def __iter__(self):
+        return iter(self.files)
+
+    def __len__(self) -> int:
+        return len(self.files)
 
 
 def universal_dir(ckpt_path: Path) -> Path:
@@ -198,14 +257,9 @@ def convert(ckpt_path: Path, out_root: Optional[Path] = None) -> Path:
     meta = dict(ckpt["_meta"])
     if meta.get("layout") == UNIVERSAL:
         raise ValueError(f"{ckpt_path} is already universal; resume from it directly")
-    params = to_universal(ckpt)
-    rank0 = ckpt["rank00000"]
-    routing = dict(rank0["routing"], cache={})
-    parts = {"model": ckpt["model"], "trainer": ckpt["trainer"],
-             UNIVERSAL: {"params": params, "rng_cpu": rank0["rng_cpu"], "routing": routing}}
     meta.update(layout=UNIVERSAL, source=str(ckpt_path), source_layout=meta.get("layout"))
     out_root = Path(out_root) if out_root is not None else universal_dir(ckpt_path)
-    return save_checkpoint(out_root, ckpt["_step"], parts, meta=meta)
+    return save_checkpoint(out_root, ckpt["_step"], _ConvertedParts(ckpt), meta=meta)
 
 
 def local_entry(params: Dict[str, ParamState], name: str, shape: torch.Size,

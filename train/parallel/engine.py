@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -322,7 +322,7 @@ class ParallelEngine:
                 "experts": experts}
 
     @torch.no_grad()
-    def load_universal(self, params: Dict[str, ParamState]) -> None:
+    def load_universal(self, params: Mapping[str, ParamState]) -> None:
         """Weights and optimizer state from a universal checkpoint (train.universal) written under
         any layout: each dense parameter's tensor-parallel slice goes into its ZeRO fragment (fp32
         master and every state key), each expert stack's expert-parallel slice into the masters."""
