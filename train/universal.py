@@ -38,8 +38,6 @@ import torch
 
 from train.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
 
-log = logging.getLogger(__name__)
-
 UNIVERSAL = "universal"
 """The layout name of a converted checkpoint (its manifest meta "layout")."""
 FP32 = "fp32"
