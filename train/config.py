@@ -39,6 +39,10 @@ class RunConfig:
     run.dir, or a fresh start if there is none) or a path to a checkpoint directory."""
     overwrite: bool = False
     """Start afresh in a directory that holds a run; the old run is moved aside, never deleted."""
+    reshard: bool = False
+    """Resume a checkpoint written under another parallel layout (e.g. after losing a node) by converting
+    it to its universal form first (rank 0, once, into <run>/universal/); False refuses and prints the
+    conversion command."""
     init_from: Optional[str] = None
     """Checkpoint directory (or a run directory: its newest valid checkpoint) whose model weights
     start this run, e.g. a domain expert fine-tuned from a base model; optimizer and data start fresh."""

@@ -25,7 +25,8 @@ from omegaconf import OmegaConf
 from model import ModelArgs, V4Model
 from train.anticipatory import AnticipatoryRouting
 from train.checkpoint import (checkpoint_meta, latest_known_good, latest_valid_checkpoint, load_checkpoint,
-                              prune_checkpoints, resolve_checkpoint, save_checkpoint, tag_known_good)
+                              prune_checkpoints, resolve_checkpoint, save_checkpoint, tag_known_good,
+                              verify_checkpoint)
 from train.config import Config, accumulation_steps, validate
 from train.context import RunContext, make_context
 from train.data import Data, build_data
@@ -35,7 +36,7 @@ from train.optim import lr_at
 from train.rundir import default_run_dir, prepare_run_dir, write_run_record
 from train.spikes import SpikeDetector
 from train.summary import print_summary
-from train.universal import UNIVERSAL, UniversalParams, universal_dir
+from train.universal import UNIVERSAL, UniversalParams, convert, universal_dir
 
 log = logging.getLogger("train")
 
@@ -117,9 +118,29 @@ def resume_target(cfg: Config, ctx: RunContext) -> Optional[Path]:
         path = latest_valid_checkpoint(Path(cfg.run.dir) / "checkpoints")
     else:
         path = resolve_checkpoint(Path(cfg.run.resume), "run.resume")
-    if path is not None:
-        check_resume_layout(path, checkpoint_meta(path).get("layout"), layout_of(ctx, cfg))
+    if path is None:
+        return None
+    saved = checkpoint_meta(path).get("layout")
+    if cfg.run.reshard and saved not in (None, UNIVERSAL) and saved != layout_of(ctx, cfg):
+        return resharded(path, ctx)
+    check_resume_layout(path, saved, layout_of(ctx, cfg))
     return path
+
+
+def resharded(path: Path, ctx: RunContext) -> Path:
+    """The universal form of checkpoint `path`, written by rank 0 unless a valid one exists."""
+    target = universal_dir(path) / path.name
+    error = None
+    if ctx.is_main and verify_checkpoint(target) is not None:
+        log.info("checkpoint %s was written under another layout: converting it to %s", path, target)
+        try:
+            convert(path)
+        except ValueError as exc:
+            error = str(exc)
+    error = ctx.broadcast_error(error)
+    if error:
+        raise ValueError(f"run.reshard: {error}")
+    return target
 
 
 def check_resume_layout(path: Path, saved: Optional[dict], current: dict) -> None:
@@ -127,9 +148,10 @@ def check_resume_layout(path: Path, saved: Optional[dict], current: dict) -> Non
     if saved in (None, UNIVERSAL) or saved == current:
         return
     converted = universal_dir(path) / path.name
-    raise ValueError(f"checkpoint {path} was written under layout {saved}, this run is {current}; convert it "
-                     f"once with `python -m train.universal {path}` (v4-reshard) and resume with "
-                     f"run.resume={converted}, or start from its weights only with run.init_from={path}")
+    raise ValueError(f"checkpoint {path} was written under layout {saved}, this run is {current}; pass "
+                     f"run.reshard=true, or convert it once with `python -m train.universal {path}` (v4-reshard) "
+                     f"and resume with run.resume={converted}, or start from its weights only with "
+                     f"run.init_from={path}")
 
 
 def layout_of(ctx: RunContext, cfg: Config) -> dict:

@@ -63,7 +63,12 @@ def test_dp2_ep2_checkpoint_resumes_in_one_process_and_under_tp2(tmp_path):
     assert refused.returncode != 0
     assert f"python -m train.universal {source / 'checkpoints' / 'step_00000008'}" in refused.stderr
 
-    universal = _convert(source / "checkpoints" / HALF)
+    # run.reshard=true converts on the fly (rank 0, into <run>/universal/) and resumes
+    automatic = tmp_path / "one_automatic"
+    _run(tmp_path, 1, f"run.dir={automatic}", f"run.resume={source / 'checkpoints' / HALF}", "run.reshard=true")
+    assert (source / UNIVERSAL / HALF / "manifest.json").is_file()
+
+    universal = _convert(source / "checkpoints" / HALF)     # the same conversion through the command
     assert load_checkpoint(universal, parts=["trainer"])["_meta"]["layout"] == UNIVERSAL
     same = tmp_path / "same_layout"                   # the conversion itself is exact
     _run(tmp_path, 2, "parallel=ep2", f"run.dir={same}", f"run.resume={universal}")
@@ -79,6 +84,7 @@ def test_dp2_ep2_checkpoint_resumes_in_one_process_and_under_tp2(tmp_path):
     # of the ~zero-initialised mHC projections' small gradients amplifies those ulps
     for loss, grad_norm in errors.values():
         assert loss <= 1e-5 and grad_norm <= 1e-5
+    assert {s: r["loss"] for s, r in _rows(automatic).items()} == {s: r["loss"] for s, r in _rows(one).items()}
 
     # the same resume without the optimizer state (momentum and Adam moments zeroed) is far off:
     # the comparison above sees the state
@@ -100,9 +106,9 @@ def test_dp2_ep2_checkpoint_resumes_in_one_process_and_under_tp2(tmp_path):
 def test_tp2_ep2_checkpoint_resumes_under_dp2(tmp_path):
     source = tmp_path / "tp2ep2"                      # 4 ranks: tensor parallel 2 x data parallel 2, experts split in 2
     _run(tmp_path, 4, "parallel=tp2_ep2", "train.checkpoint_every=4", f"run.dir={source}")
-    universal = _convert(source / "checkpoints" / HALF)
-    dp2 = tmp_path / "dp2"
-    _run(tmp_path, 2, "parallel=dp2", f"run.dir={dp2}", f"run.resume={universal}")
+    dp2 = tmp_path / "dp2"                            # two ranks; rank 0 converts (run.reshard)
+    _run(tmp_path, 2, "parallel=dp2", f"run.dir={dp2}", f"run.resume={source / 'checkpoints' / HALF}",
+         "run.reshard=true")
     loss, grad_norm = _worst_relative(_rows(source), _rows(dp2), "loss"), _worst_relative(_rows(source), _rows(dp2), "grad_norm")
     print(f"DP2 resumed from TP2xEP2 step 4, steps 5-8: loss {loss:.2e}, grad norm {grad_norm:.2e} (relative)")
     assert loss <= 1e-5 and grad_norm <= 1e-5
