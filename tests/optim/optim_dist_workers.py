@@ -4,6 +4,7 @@ Each scenario runs 5 optimizer steps and rank 0 saves the resulting full paramet
 """
 
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -24,6 +25,16 @@ def init_process(rank: int, world: int, init_file: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
 
 
+def finish_process() -> None:
+    """Leave the group and exit at once: under pytest, interpreter teardown with gloo's threads still
+    aborted now and then (std::terminate, SIGABRT) after a run whose results were already written."""
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def seeded_grads(params: list[torch.Tensor], step: int) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(1000 + step)
     return [torch.randn(p.shape, generator=g) for p in params]
@@ -36,7 +47,7 @@ def run_dp_and_tp(rank: int, world: int, init_file: str, out_dir: str) -> None:
     run_dp_shared_ns(rank, f"{out_dir}/dp.pt")
     run_tensor_parallel(rank, world, f"{out_dir}/tp.pt", blockwise=False)
     run_tensor_parallel(rank, world, f"{out_dir}/tp_blockwise.pt", blockwise=True)
-    dist.destroy_process_group()
+    finish_process()
 
 
 def run_dp_shared_ns(rank: int, out_path: str) -> None:
@@ -172,7 +183,7 @@ def run_deepspeed_zero(rank: int, world: int, init_file: str, out_path: str, sta
     if rank == 0:
         state = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
         torch.save({"params": state, "grad_norms": norms}, out_path)
-    dist.destroy_process_group()
+    finish_process()
 
 
 def single_clipped_training() -> tuple[dict[str, torch.Tensor], list[float]]:
