@@ -96,6 +96,7 @@ def main() -> None:
               f"{'—' if max_diff is None else f'{max_diff:.2e}'} |")
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(row, indent=2))
+    dist.barrier()     # no rank leaves while another still talks to it (gloo aborted at exit otherwise)
     dist.destroy_process_group()
 
 

@@ -26,8 +26,9 @@ def init_process(rank: int, world: int, init_file: str) -> None:
 
 
 def finish_process() -> None:
-    """Leave the group and exit at once: under pytest, interpreter teardown with gloo's threads still
-    aborted now and then (std::terminate, SIGABRT) after a run whose results were already written."""
+    """Leave the group together and exit at once: with a rank still saving while the other tore its gloo
+    group down, and even after a barrier (1 run in 8), interpreter teardown under pytest aborted now and
+    then (std::terminate, SIGABRT) although the results were written."""
     dist.barrier()
     dist.destroy_process_group()
     sys.stdout.flush()
