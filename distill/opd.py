@@ -90,9 +90,9 @@ def run_opd(job: DistillJobConfig, student: V4Model, pool: TeacherPool, prompts:
             device: torch.device, run_dir: Path, resume_from: Optional[Path] = None) -> dict:
     """Distil the pool's teachers into `student` (trained in place); returns the stage summary.
 
-    resume_from: an OPD checkpoint of this run to continue from (student, optimizer, sampling
-    generator, prompt order, evaluations so far); the continued run takes the same steps as an
-    uninterrupted one. SIGTERM/SIGINT save a checkpoint after the current step and stop."""
+    resume_from: an OPD checkpoint of this run to continue from (optimizer, sampling generator,
+    prompt order, evaluations so far; `student` already holds its weights); the continued run takes
+    the same steps as an uninterrupted one. SIGTERM/SIGINT save a checkpoint after the current step and stop."""
     opd = job.distill.opd
     optim = dataclasses.replace(job.optim, lr=opd.lr if opd.lr is not None else job.optim.lr,
                                 warmup_steps=opd.warmup_steps if opd.warmup_steps is not None else job.optim.warmup_steps)
@@ -125,8 +125,7 @@ def run_opd(job: DistillJobConfig, student: V4Model, pool: TeacherPool, prompts:
 
     start = 0
     if resume_from is not None:
-        ckpt = load_checkpoint(resume_from)
-        student.load_state_dict(ckpt["model"])
+        ckpt = load_checkpoint(resume_from, parts=["opd"], verify=False)     # the pipeline picked a verified one
         state = ckpt["opd"]
         engine.load_state_dict(state["optimizer"])
         generator.set_state(state["generator"])

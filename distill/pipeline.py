@@ -23,7 +23,7 @@ from distill.rollout import PromptSets
 from distill.summary import print_summary
 from distill.teachers import TeacherPool, checkpoint_config, read_manifest, resolve_checkpoint
 from model import V4Model
-from train.checkpoint import checkpoint_step, latest_valid_checkpoint
+from train.checkpoint import checkpoint_step, latest_valid_checkpoint, load_checkpoint
 from train.data import build_data
 from train.data.config import BPE_TOKENIZER
 from train.data.tokenizer import load_tokenizer_dir
@@ -74,11 +74,12 @@ def check_matches_checkpoint(job: DistillJobConfig, path: Path, role: str, token
 
 
 def build_student(job: DistillJobConfig, checkpoint: Path, device) -> V4Model:
-    """The student on `device` with the checkpoint's weights, in training mode."""
-    from train.loop import init_model_from
+    """The student on `device` with the weights of the verified checkpoint `checkpoint`, in training mode."""
+    from train.loop import load_model_weights
 
     student = V4Model(job.model).to(device)
-    init_model_from(student, checkpoint)
+    load_model_weights(student, load_checkpoint(checkpoint, parts=["model"], verify=False)["model"],
+                       f"student checkpoint {checkpoint}")
     return student.train()
 
 
@@ -137,7 +138,7 @@ def run(job: DistillJobConfig) -> dict:
             log.info("OPD finished already (%s); run.resume=auto keeps it", resume_from)
             summary["opd"] = json.loads((opd_dir / "summary.json").read_text())
         else:
-            student = build_student(job, student_checkpoint, device)
+            student = build_student(job, resume_from or student_checkpoint, device)
             pool = TeacherPool(read_manifest(manifest), d.teachers, job.model, data.tokenizer.fingerprint, device)
             prompts = PromptSets.from_data(data, pool.domains, d.opd.rollout, job.run.seed)
             # continue this run's OPD, or start afresh (an old OPD directory is moved aside, not deleted)

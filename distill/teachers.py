@@ -27,7 +27,7 @@ from omegaconf import OmegaConf
 from distill.config import TeacherPoolConfig
 from distill.rollout import RolloutBatch
 from model import ModelArgs, V4Model
-from train.checkpoint import MANIFEST, resolve_checkpoint, verify_checkpoint
+from train.checkpoint import checkpoint_meta, resolve_checkpoint
 from train.data.tokenizer import load_tokenizer_dir
 
 
@@ -66,7 +66,7 @@ def read_manifest(path: Path) -> List[TeacherSpec]:
 
 def checkpoint_config(path: Path) -> dict:
     """The run config a checkpoint recorded (its manifest's meta), {} if none."""
-    return json.loads((path / MANIFEST).read_text()).get("meta", {}).get("config", {}) or {}
+    return checkpoint_meta(path).get("config", {}) or {}
 
 
 def checkpoint_model_args(path: Path) -> ModelArgs:
@@ -126,10 +126,7 @@ class TeacherPool:
         self.args: List[ModelArgs] = []
         fingerprints: Dict[str, str] = {}  # tokenizer directory -> fingerprint (teachers often share one)
         for spec in self.specs:
-            path = resolve_checkpoint(spec.checkpoint)
-            problem = verify_checkpoint(path)
-            if problem is not None:
-                raise ValueError(f"teacher {spec.name!r}: checkpoint {path} is not usable: {problem}")
+            path = resolve_checkpoint(spec.checkpoint, f"teacher {spec.name!r} checkpoint")
             args = checkpoint_model_args(path)
             if spec.tokenizer not in fingerprints:
                 fingerprints[spec.tokenizer] = load_tokenizer_dir(Path(spec.tokenizer).expanduser()).fingerprint

@@ -122,14 +122,18 @@ def latest_known_good(root: Path, layout: Optional[dict] = None) -> Optional[Pat
     return tagged[-1] if tagged else None
 
 
+def _read_manifest(path: Path) -> dict:
+    return json.loads((Path(path) / MANIFEST).read_text())
+
+
 def checkpoint_meta(path: Path) -> dict:
     """The meta dict a checkpoint was saved with (layout, config), from its manifest."""
-    return json.loads((Path(path) / MANIFEST).read_text()).get("meta", {})
+    return _read_manifest(path).get("meta", {})
 
 
 def checkpoint_step(path: Path) -> int:
     """The step a checkpoint was saved at, from its manifest."""
-    return int(json.loads((Path(path) / MANIFEST).read_text())["step"])
+    return int(_read_manifest(path)["step"])
 
 
 def load_checkpoint(path: Path, parts: Optional[List[str]] = None, verify: bool = True,
@@ -141,7 +145,7 @@ def load_checkpoint(path: Path, parts: Optional[List[str]] = None, verify: bool 
     if problem is not None:
         raise ValueError(f"checkpoint {path} is not usable: {problem}; pick another checkpoint or "
                          "run.resume=auto to take the newest valid one")
-    manifest = json.loads((path / MANIFEST).read_text())
+    manifest = _read_manifest(path)
     names = parts or [Path(n).stem for n in manifest["files"]]
     out = {name: torch.load(path / f"{name}.pt", map_location="cpu", weights_only=False, mmap=mmap) for name in names}
     out["_meta"] = manifest.get("meta", {})
@@ -167,7 +171,8 @@ def prune_checkpoints(root: Path, keep_last: int) -> None:
 
 
 def resolve_checkpoint(path, what: str = "checkpoint") -> Path:
-    """A checkpoint directory, or the newest valid checkpoint of a run directory."""
+    """A verified checkpoint: the directory `path` itself, or the newest valid checkpoint of the run
+    directory `path`. Callers load it with `verify=False` (its files were just checksummed)."""
     found = Path(path).expanduser()
     if (found / "checkpoints").is_dir():
         newest = latest_valid_checkpoint(found / "checkpoints")
@@ -177,4 +182,8 @@ def resolve_checkpoint(path, what: str = "checkpoint") -> Path:
     if not (found / MANIFEST).is_file():
         raise ValueError(f"{what}={path} is neither a checkpoint directory (with {MANIFEST}) nor a run "
                          "directory with checkpoints/; point it at one")
+    problem = verify_checkpoint(found)
+    if problem is not None:
+        raise ValueError(f"{what}={path} is not usable: {problem}; point it at another checkpoint, or at its "
+                         "run directory to take the newest valid one")
     return found

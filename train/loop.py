@@ -106,12 +106,13 @@ def load_model_weights(model: V4Model, state: dict, source: str) -> None:
 def init_model_from(model: V4Model, path: Path) -> Path:
     """Load model weights from a checkpoint directory or a run directory (its newest valid one)."""
     path = resolve_checkpoint(Path(path), "run.init_from")
-    load_model_weights(model, load_checkpoint(path, parts=["model"])["model"], f"run.init_from={path}")
+    load_model_weights(model, load_checkpoint(path, parts=["model"], verify=False)["model"], f"run.init_from={path}")
     return path
 
 
 def resume_target(cfg: Config, ctx: RunContext) -> Optional[Path]:
-    """The checkpoint this run continues (after `prepare_run`), checked against the layout."""
+    """The verified checkpoint this run continues (after `prepare_run`): one written under this
+    layout, a universal one, or (run.reshard) the universal form of one written under another."""
     if cfg.run.resume == "never":
         return None
     if cfg.run.resume == "auto":
@@ -120,15 +121,19 @@ def resume_target(cfg: Config, ctx: RunContext) -> Optional[Path]:
         path = resolve_checkpoint(Path(cfg.run.resume), "run.resume")
     if path is None:
         return None
-    saved = checkpoint_meta(path).get("layout")
-    if cfg.run.reshard and saved not in (None, UNIVERSAL) and saved != layout_of(ctx, cfg):
+    saved, current = checkpoint_meta(path).get("layout"), layout_of(ctx, cfg)
+    if saved in (None, UNIVERSAL) or saved == current:
+        return path
+    if cfg.run.reshard:
         return resharded(path, ctx)
-    check_resume_layout(path, saved, layout_of(ctx, cfg))
-    return path
+    raise ValueError(f"checkpoint {path} was written under layout {saved}, this run is {current}; pass "
+                     f"run.reshard=true, or convert it once with `python -m train.universal {path}` (v4-reshard) "
+                     f"and resume with run.resume={universal_dir(path) / path.name}, or start from its weights "
+                     f"only with run.init_from={path}")
 
 
 def resharded(path: Path, ctx: RunContext) -> Path:
-    """The universal form of checkpoint `path`, written by rank 0 unless a valid one exists."""
+    """The universal form of the verified checkpoint `path`, written by rank 0 unless a valid one exists."""
     target = universal_dir(path) / path.name
     error = None
     if ctx.is_main and verify_checkpoint(target) is not None:
@@ -141,17 +146,6 @@ def resharded(path: Path, ctx: RunContext) -> Path:
     if error:
         raise ValueError(f"run.reshard: {error}")
     return target
-
-
-def check_resume_layout(path: Path, saved: Optional[dict], current: dict) -> None:
-    """A checkpoint resumes under the layout that wrote it, or from its universal form under any."""
-    if saved in (None, UNIVERSAL) or saved == current:
-        return
-    converted = universal_dir(path) / path.name
-    raise ValueError(f"checkpoint {path} was written under layout {saved}, this run is {current}; pass "
-                     f"run.reshard=true, or convert it once with `python -m train.universal {path}` (v4-reshard) "
-                     f"and resume with run.resume={converted}, or start from its weights only with "
-                     f"run.init_from={path}")
 
 
 def layout_of(ctx: RunContext, cfg: Config) -> dict:
@@ -312,7 +306,8 @@ def run(cfg: Config) -> dict:
     if resume_path is None and cfg.run.init_from:
         log.info("model weights initialized from %s", init_model_from(model, Path(cfg.run.init_from)))
     if resume_path is not None:          # full weights go in before sharding
-        load_model_weights(model, load_checkpoint(resume_path, parts=["model"])["model"], f"checkpoint {resume_path}")
+        load_model_weights(model, load_checkpoint(resume_path, parts=["model"], verify=False)["model"],
+                           f"checkpoint {resume_path}")
     engine = build_engine(model, cfg, ctx, accum)
     module = engine.model if not ctx.distributed else engine.module
     state = TrainerState()

@@ -248,10 +248,9 @@ def universal_dir(ckpt_path: Path) -> Path:
 
 
 def convert(ckpt_path: Path, out_root: Optional[Path] = None) -> Path:
-    """Write the universal form of checkpoint `ckpt_path` (or a run's newest valid one) under
+    """Write the universal form of the verified checkpoint `ckpt_path` (`resolve_checkpoint`) under
     `out_root` (default `universal_dir`); returns the new checkpoint directory. Never touches the source."""
-    ckpt_path = resolve_checkpoint(ckpt_path, "checkpoint")
-    ckpt = load_checkpoint(ckpt_path, mmap=True)     # rank files are read where their fragments lie
+    ckpt = load_checkpoint(ckpt_path, verify=False, mmap=True)     # rank files are read where their fragments lie
     meta = dict(ckpt["_meta"])
     if meta.get("layout") == UNIVERSAL:
         raise ValueError(f"{ckpt_path} is already universal; resume from it directly")
@@ -303,7 +302,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        out = convert(args.checkpoint, args.out)
+        out = convert(resolve_checkpoint(args.checkpoint), args.out)
     except ValueError as exc:
         raise SystemExit(f"v4-reshard: {exc}") from None
     print(f"universal checkpoint: {out}\nresume under any layout with run.resume={out}")

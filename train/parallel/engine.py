@@ -328,11 +328,11 @@ class ParallelEngine:
         master and every state key), each expert stack's expert-parallel slice into the masters."""
         dims, zero = self.dims, self._zero
         for name, p in self._dense_params():
+            mapping = getattr(p, "_hp_mapping", None)
+            if mapping is None:       # no fragment of it in this rank's partition: nothing to read
+                continue
             dim = self._tensor_parallel_dim(p)
             entry = local_entry(params, name, p.shape, [(dim, dims.tp, dims.tp_rank)] if dim is not None else [])
-            mapping = getattr(p, "_hp_mapping", None)
-            if mapping is None:
-                continue
             flat = zero.single_partition_of_fp32_groups[mapping.param_group_index]
             lp, hp = mapping.lp_fragment_address, mapping.hp_fragment_address
             state = zero.optimizer.state[flat]
