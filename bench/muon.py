@@ -36,16 +36,17 @@ EXPERT_SHAPE, EXPERT_BATCH = (384, 1024), 1287  # h200_1b: 13 MoE layers × 32 e
 DEVICE = "cuda"
 PRESET = "h200_1b"
 KERNELS = ("torch", "triton")
-STEP_VARIANTS = [  # (ns_kernel, muon_elementwise, ns_cuda_graphs, overlap_adamw, fold_ns_normalization, overlap_muon_update)
-    ("torch", "foreach", False, False, False, False), ("triton", "foreach", True, False, False, False),
-    ("torch", "triton", True, False, False, False), ("triton", "triton", True, False, False, False),
-    ("triton", "triton", True, True, False, False), ("torch", "triton", True, True, False, False),
-    ("triton", "triton", True, True, True, False), ("triton", "triton", True, True, True, True),
-    ("triton", "triton", True, False, True, True),
+STEP_VARIANTS = [  # (ns_kernel, muon_elementwise, ns_cuda_graphs, overlap_adamw, fold_ns_normalization, overlap_muon_update, ns_form)
+    ("torch", "foreach", False, False, False, False, "standard"), ("triton", "foreach", True, False, False, False, "standard"),
+    ("torch", "triton", True, False, False, False, "standard"), ("triton", "triton", True, False, False, False, "standard"),
+    ("triton", "triton", True, True, False, False, "standard"), ("torch", "triton", True, True, False, False, "standard"),
+    ("triton", "triton", True, True, True, False, "standard"), ("triton", "triton", True, True, True, True, "standard"),
+    ("triton", "triton", True, False, True, True, "standard"), ("triton", "triton", True, True, True, False, "auto"),
+    ("torch", "triton", True, True, True, False, "auto"),
 ]
-STEP_ONLY_VARIANTS = [  # --step-only: the previous best against the folded normalisation and the overlapped update
-    ("triton", "triton", True, True, False, False), ("triton", "triton", True, True, True, False),
-    ("triton", "triton", True, True, True, True), ("triton", "triton", True, False, True, True),
+STEP_ONLY_VARIANTS = [  # --step-only: the defaults with the standard form against the Gram form for wide buckets
+    ("triton", "triton", True, True, True, False, "standard"), ("triton", "triton", True, True, True, False, "auto"),
+    ("torch", "triton", True, True, True, False, "auto"),
 ]
 
 
@@ -57,7 +58,8 @@ def use_cpu_smoke_settings() -> None:
     EXPERT_SHAPE, EXPERT_BATCH = (16, 48), 5
     DEVICE, PRESET, KERNELS = "cpu", "tiny", ("torch",)
     global STEP_VARIANTS
-    STEP_VARIANTS = [("torch", "foreach", False, False, False, False)]
+    STEP_VARIANTS = [("torch", "foreach", False, False, False, False, "standard"),
+                     ("torch", "foreach", False, False, False, False, "gram")]
 
 
 def cuda_ms(fn, warmup: int = 2, iters: int = 7) -> float:
@@ -81,6 +83,26 @@ def cuda_ms(fn, warmup: int = 2, iters: int = 7) -> float:
         end.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times)
+
+
+def graphed(fn):
+    """fn captured once (lazily, on first call) in a CUDA graph; the returned callable replays it."""
+    state = {}
+
+    def replay():
+        if "graph" not in state:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                fn()  # warm-up outside the capture: cuBLAS workspaces, Triton autotuning
+            torch.cuda.current_stream().wait_stream(side)
+            state["graph"] = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(state["graph"]):
+                state["out"] = fn()
+        state["graph"].replay()
+        return state["out"]
+
+    return replay
 
 
 def ns_flops(shape: tuple[int, int], steps: int = 10) -> float:
@@ -116,12 +138,21 @@ def bench_newton_schulz(use_deepspeed: bool) -> list[dict]:
             "plain torch (textbook ops)": (lambda: plain_newton_schulz(G, dtype=torch.bfloat16), 10),
             "ours torch (fused epilogues)": (lambda: hybrid_newton_schulz(G, dtype=torch.bfloat16, kernel="torch"), 10),
         }
+        variants["ours Gram torch (cuBLAS, fp16)"] = (
+            lambda: hybrid_newton_schulz(G, dtype=torch.bfloat16, kernel="torch", form="gram"), 10)
         if "triton" in KERNELS:
             variants["ours triton (symmetric tiles)"] = (
                 lambda: hybrid_newton_schulz(G, dtype=torch.bfloat16, kernel="triton"), 10)
+            variants["ours Gram triton (symmetric tiles, fp16)"] = (
+                lambda: hybrid_newton_schulz(G, dtype=torch.bfloat16, kernel="triton", form="gram"), 10)
         if ds_ns5 is not None and batch == 1:
             variants["deepspeed NS5 quintic (eager)"] = (lambda: ds_ns5(G, steps=5), 5)
             variants["deepspeed Gram NS5 fp16 (eager)"] = (lambda: ds_gram(G, steps=5), 5)
+        if DEVICE == "cuda":  # as the optimizer runs them (ns_cuda_graphs): one graph replay per call
+            for name in ("plain torch (textbook ops)", "ours triton (symmetric tiles)",
+                         "ours Gram torch (cuBLAS, fp16)", "ours Gram triton (symmetric tiles, fp16)"):
+                if name in variants:
+                    variants[name + " + CUDA graph"] = (graphed(variants[name][0]), variants[name][1])
         plain_ms = None
         for name, (fn, steps) in variants.items():
             try:
@@ -139,6 +170,61 @@ def bench_newton_schulz(use_deepspeed: bool) -> list[dict]:
             print(f"  NS {shape}: {name:<34} {ms:8.3f} ms  {rows[-1]['tflops']:6.0f} TFLOP/s  "
                   f"σ∈[{lo:.4f}, {hi:.4f}]  ×{rows[-1]['speedup_vs_plain']:.2f}", flush=True)
             del out
+    return rows
+
+
+GRAM_SCHEDULES = [(2, 4, 6, 8), (2, 4, 6), (2, 5, 8), (3, 6, 8), (5,), ()]
+"""Restart steps compared by the Gram section (newton_schulz.GRAM_RESTARTS is the one in use)."""
+
+
+def spectrum_input(shape: tuple[int, ...], kind: str) -> torch.Tensor:
+    """A bf16 [.., n, m] test input: Gaussian, or random singular vectors with log-uniform singular values in
+    [1e-4, 1] ("log-uniform"), or 8 singular values of 1 over a tail from 1e-2 down to 1e-5 ("spiky", like a
+    momentum dominated by a few directions)."""
+    torch.manual_seed(0)
+    if kind == "gaussian":
+        return torch.randn(shape, device=DEVICE, dtype=torch.bfloat16)
+    *batch, n, m = shape
+    short = min(n, m)
+    left = torch.linalg.qr(torch.randn(*batch, n, short, device=DEVICE)).Q
+    right = torch.linalg.qr(torch.randn(*batch, m, short, device=DEVICE)).Q
+    if kind == "log-uniform":
+        sigma = torch.logspace(0, -4, short, device=DEVICE)
+    else:
+        sigma = torch.cat([torch.ones(8, device=DEVICE), torch.logspace(-2, -5, short - 8, device=DEVICE)])
+    return ((left * sigma) @ right.mT).to(torch.bfloat16)
+
+
+def bench_gram_restarts() -> list[dict]:
+    """Accuracy (vs the fp32 standard iteration) and time of the Gram form for each restart schedule, next to
+    the bf16 standard form, on the wide shapes and three spectra."""
+    from train.optim import newton_schulz
+
+    kernel = KERNELS[-1]
+    rows = []
+    in_use = newton_schulz.GRAM_RESTARTS
+    shapes = [s for s in NS_SHAPES if max(s) >= 2 * min(s)] + [(8, *EXPERT_SHAPE)]
+    try:
+        for shape in shapes:
+            for kind in ("gaussian", "log-uniform", "spiky"):
+                G = spectrum_input(shape, kind)
+                reference = hybrid_newton_schulz(G, dtype=torch.float32).float()
+                runs = [("standard bf16", (), "standard")] + [(f"Gram fp16 {s}", s, "gram") for s in GRAM_SCHEDULES]
+                for name, restarts, form in runs:
+                    newton_schulz.GRAM_RESTARTS = restarts
+                    fn = lambda: hybrid_newton_schulz(G, dtype=torch.bfloat16, kernel=kernel, form=form)  # noqa: E731
+                    out = fn().float()
+                    finite = bool(torch.isfinite(out).all())
+                    error = ((out - reference).norm() / reference.norm()).item() if finite else float("inf")
+                    lo, hi = singular_value_range(out) if finite else (float("nan"), float("nan"))
+                    ms = cuda_ms(fn, iters=5) if kind == "gaussian" else None
+                    rows.append(dict(shape=list(shape), spectrum=kind, variant=name, restarts=list(restarts),
+                                     rel_error_vs_fp32=error, sv_min=lo, sv_max=hi, ms=ms))
+                    print(f"  {str(shape):<18} {kind:<11} {name:<24} rel err {error:9.2e}  σ∈[{lo:.4f}, {hi:.4f}]"
+                          + (f"  {ms:7.3f} ms" if ms is not None else ""), flush=True)
+                del G, reference
+    finally:
+        newton_schulz.GRAM_RESTARTS = in_use
     return rows
 
 
@@ -240,10 +326,11 @@ def fused_step_parity(model, params) -> dict:
     start = [p.detach().clone() for p in params]
     finals, moved = {}, 0.0
     variants = {
-        "foreach": dict(ns_kernel="torch", muon_elementwise="foreach"),
-        "fused": dict(ns_kernel="triton", muon_elementwise="triton", fold_ns_normalization=False),
+        "foreach": dict(ns_kernel="torch", muon_elementwise="foreach", ns_form="standard"),
+        "fused": dict(ns_kernel="triton", muon_elementwise="triton", fold_ns_normalization=False, ns_form="standard"),
         "fused_fold_overlap": dict(ns_kernel="triton", muon_elementwise="triton", fold_ns_normalization=True,
-                                   overlap_muon_update=True, ns_cuda_graphs=True),
+                                   overlap_muon_update=True, ns_cuda_graphs=True, ns_form="standard"),
+        "fused_gram": dict(ns_kernel="triton", muon_elementwise="triton", ns_form="auto"),
     }
     for name, kwargs in variants.items():
         with torch.no_grad():
@@ -260,7 +347,7 @@ def fused_step_parity(model, params) -> dict:
         for p, p0 in zip(params, start):
             p.copy_(p0)
     result = dict(max_update=moved)
-    for name in ("fused", "fused_fold_overlap"):
+    for name in ("fused", "fused_fold_overlap", "fused_gram"):
         diff = max((a - b).abs().max().item() for a, b in zip(finals["foreach"], finals[name]))
         result[f"max_abs_diff_{name}"] = diff
         print(f"  parity, one step, {name} vs foreach (torch NS): max |ΔW| {diff:.3g} (largest |update| {moved:.3g})",
@@ -284,21 +371,24 @@ def bench_optimizer_step(use_deepspeed: bool, step_only: bool = False, rounds: i
     if DEVICE == "cuda":
         out["parity"] = fused_step_parity(model, params)
     for round_ in range(rounds):
-        for kernel, elementwise, graphs, overlap, fold, overlap_update in variants:
+        for kernel, elementwise, graphs, overlap, fold, overlap_update, form in variants:
             cfg = OptimConfig(ns_kernel=kernel, ns_dtype="auto", ns_cuda_graphs=graphs, muon_elementwise=elementwise,
-                              overlap_adamw=overlap, fold_ns_normalization=fold, overlap_muon_update=overlap_update)
+                              overlap_adamw=overlap, fold_ns_normalization=fold, overlap_muon_update=overlap_update,
+                              ns_form=form)
             optimizer = build_optimizer(model, cfg)
             set_grads(params)
             ms = cuda_ms(optimizer.step, warmup=2, iters=7)
             tag = (f"{kernel}_{elementwise}{'_graphs' if graphs else ''}{'_overlap' if overlap else ''}"
-                   f"{'_fold' if fold and elementwise == 'triton' else ''}{'_overlapupdate' if overlap_update else ''}")
+                   f"{'_fold' if fold and elementwise == 'triton' else ''}{'_overlapupdate' if overlap_update else ''}"
+                   f"{'' if form == 'standard' else '_' + form}")
             out.setdefault(f"muon_step_ms_{tag}", []).append(ms)
             print(f"  {PRESET} Muon+AdamW step (ns_kernel={kernel}, muon_elementwise={elementwise}, "
                   f"cuda_graphs={graphs}, overlap_adamw={overlap}, fold_ns_normalization={fold}, "
-                  f"overlap_muon_update={overlap_update}), round {round_}: {ms:.2f} ms", flush=True)
+                  f"overlap_muon_update={overlap_update}, ns_form={form}), round {round_}: {ms:.2f} ms", flush=True)
             grouping = optimizer.grouping
             if (elementwise == "triton" and DEVICE == "cuda" and not step_only
-                    and (kernel, graphs, overlap, fold, overlap_update) == ("triton", True, False, False, False)):
+                    and (kernel, graphs, overlap, fold, overlap_update, form)
+                    == ("triton", True, False, False, False, "standard")):
                 out[f"elementwise_ms_{tag}"] = bench_fused_elementwise(optimizer)
             del optimizer
             torch.cuda.empty_cache()
@@ -329,14 +419,18 @@ def bench_optimizer_step(use_deepspeed: bool, step_only: bool = False, rounds: i
         n, m = stack.shape[-2:]
         bucket_flops = ns_flops((n, m)) * stack.shape[0]
         row = dict(shape=[stack.shape[0], n, m], tflop=bucket_flops / 1e12)
+        names = []
         for kernel in KERNELS:
-            cache = {} if DEVICE == "cuda" else None
-            row[f"ms_{kernel}"] = cuda_ms(lambda: _newton_schulz_jobs([[stack]], torch.bfloat16, kernel, cache),
-                                          warmup=2, iters=5)
+            for form in ("standard", "gram"):
+                cache = {} if DEVICE == "cuda" else None
+                name = kernel if form == "standard" else f"{kernel}_gram"
+                row[f"ms_{name}"] = cuda_ms(
+                    lambda: _newton_schulz_jobs([[stack]], torch.bfloat16, kernel, cache, forms=[form]),
+                    warmup=2, iters=5)
+                names.append(name)
         buckets.append(row)
         print(f"  bucket {stack.shape[0]:5d}×[{n}, {m}]  {row['tflop']:.3f} TFLOP  "
-              + "  ".join(f"{k}: {row[f'ms_{k}']:.2f} ms ({bucket_flops / row[f'ms_{k}'] / 1e9:.0f} TFLOP/s)"
-                          for k in KERNELS), flush=True)
+              + "  ".join(f"{k}: {row[f'ms_{k}']:.2f} ms" for k in names), flush=True)
     out["ns_buckets"] = buckets
     del blocks
     torch.cuda.empty_cache()
@@ -370,7 +464,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="bench/results/muon.json")
     parser.add_argument("--skip-deepspeed", action="store_true")
-    parser.add_argument("--sections", default="ns,products,step")
+    parser.add_argument("--sections", default="ns,gram,products,step")
     parser.add_argument("--smoke", action="store_true", help="CPU, small shapes: checks the script only")
     parser.add_argument("--step-only", action="store_true",
                         help="only the h200_1b step table: parity and STEP_ONLY_VARIANTS (implies --sections step)")
@@ -395,6 +489,7 @@ def main() -> None:
     sections = ["step"] if args.step_only else args.sections.split(",")
     t0 = time.time()
     runs = [("newton_schulz", "ns", lambda: bench_newton_schulz(use_ds)),
+            ("gram_restarts", "gram", bench_gram_restarts),
             ("symmetric_products", "products", bench_symmetric_products),
             ("h200_1b_step", "step", lambda: bench_optimizer_step(use_ds, args.step_only, args.rounds))]
     for key, section, run in runs:

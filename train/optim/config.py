@@ -43,6 +43,10 @@ class OptimConfig:
     ns_kernel: str = "auto"
     """Newton–Schulz implementation: "torch" (reference, any device), "triton" (symmetric-product kernel, CUDA
     only) or "auto" (triton on CUDA when Triton is installed, else torch)."""
+    ns_form: str = "auto"
+    """Newton–Schulz evaluation: "standard" (X·Xᵀ products every step), "gram" (n×n products of the Gram matrix
+    with restarts, in fp16 for bf16 work; train.optim.newton_schulz) or "auto" (Gram on CUDA for matrices at
+    least twice as wide as tall, standard elsewhere). Same iteration and schedule; fp32 results agree to 1e-6."""
     muon_elementwise: str = "auto"
     """Memory-bound half of the Muon step: "foreach" (torch foreach ops, reference, any device), "triton"
     (fused momentum + look-ahead + cast into the NS buffers, fused decayed update; CUDA, plain parameters only,
@@ -79,6 +83,8 @@ class OptimConfig:
             raise ValueError(f"OptimConfig.ns_dtype={self.ns_dtype!r}: use 'auto', 'bfloat16' or 'float32'")
         if self.ns_kernel not in ("auto", "torch", "triton"):
             raise ValueError(f"OptimConfig.ns_kernel={self.ns_kernel!r}: use 'auto', 'torch' or 'triton'")
+        if self.ns_form not in ("auto", "standard", "gram"):
+            raise ValueError(f"OptimConfig.ns_form={self.ns_form!r}: use 'auto', 'standard' or 'gram'")
         if self.muon_elementwise not in ("auto", "foreach", "triton"):
             raise ValueError(f"OptimConfig.muon_elementwise={self.muon_elementwise!r}: use 'auto', 'foreach' or 'triton'")
         if not 0.0 <= self.decay_start_fraction <= 1.0:

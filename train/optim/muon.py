@@ -246,6 +246,7 @@ class Muon(torch.optim.Optimizer):
             outs = orthogonalize_blocks(
                 [b.buffer for b in members], dtype=dtype, kernel=cfg.ns_kernel, group=share_group,
                 graphs=graphs, static_inputs=True, sum_squares=[b.sum_squares for b in members] if fold else None,
+                form=cfg.ns_form,
             )
             if update_stream is not None:
                 update_stream.wait_stream(torch.cuda.current_stream())
@@ -324,7 +325,8 @@ class Muon(torch.optim.Optimizer):
             dtype = resolve_ns_dtype(cfg.ns_dtype, blocks[indices[0]].device)
             graphs = self._ns_graphs.setdefault(id(share_group), {}) if cfg.ns_cuda_graphs else None
             outs = orthogonalize_blocks(
-                [blocks[i] for i in indices], dtype=dtype, kernel=cfg.ns_kernel, group=share_group, graphs=graphs
+                [blocks[i] for i in indices], dtype=dtype, kernel=cfg.ns_kernel, group=share_group, graphs=graphs,
+                form=cfg.ns_form,
             )
             for i, out in zip(indices, outs):
                 orthogonal[i] = out

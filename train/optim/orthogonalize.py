@@ -15,7 +15,7 @@ from collections import defaultdict
 import torch
 import torch.distributed as dist
 
-from train.optim.newton_schulz import hybrid_newton_schulz
+from train.optim.newton_schulz import hybrid_newton_schulz, resolve_ns_form
 
 
 def orthogonalize_blocks(
@@ -27,10 +27,12 @@ def orthogonalize_blocks(
     graphs: dict | None = None,
     static_inputs: bool = False,
     sum_squares: list[torch.Tensor] | None = None,
+    form: str = "standard",
 ) -> list[torch.Tensor]:
     """Hybrid-NS every matrix of `blocks` (each [batch_i, rows_i, cols_i], identical on all ranks of `group`).
 
-    Returns [batch_i, rows_i, cols_i] tensors in the compute dtype `dtype`, identical on every rank.
+    Returns [batch_i, rows_i, cols_i] tensors in the compute dtype `dtype` (locally: fp16 for the shapes that
+    take the Gram form of bf16 work), identical on every rank.
     group=None (or a group of one) does all the work locally.
     graphs: a cache owned by the caller (one per call site) in which, on CUDA, the Newton–Schulz of each
     distinct set of bucket shapes is captured once as a CUDA graph and replayed on later calls. The returned
@@ -39,6 +41,7 @@ def orthogonalize_blocks(
     fused step's bucket buffers): a CUDA graph then reads them in place instead of from a staging copy.
     sum_squares: per block, fp32 [batch_i, parts] with each matrix's Σ value² in parts (the same number of
     parts for blocks of one shape); Newton–Schulz then skips its normalisation pass (hybrid_newton_schulz).
+    form: "standard", "gram" or "auto", resolved per shape bucket (newton_schulz.resolve_ns_form).
     """
     buckets: dict[tuple[int, int], list[int]] = defaultdict(list)
     for index, block in enumerate(blocks):
@@ -47,13 +50,15 @@ def orthogonalize_blocks(
     world = dist.get_world_size(group) if group is not None else 1
     rank = dist.get_rank(group) if group is not None else 0
 
+    device = blocks[0].device
+    forms = {shape: resolve_ns_form(form, shape, device) for shape in buckets}
     results: list[torch.Tensor | None] = [None] * len(blocks)
     squares = None
     if world == 1:
         jobs = [[_wide(blocks[i]) for i in indices] for indices in buckets.values()]
         if sum_squares is not None:
             squares = [[sum_squares[i] for i in indices] for indices in buckets.values()]
-        outputs = _newton_schulz_jobs(jobs, dtype, kernel, graphs, static_inputs, squares)
+        outputs = _newton_schulz_jobs(jobs, dtype, kernel, graphs, static_inputs, squares, list(forms.values()))
         for indices, out in zip(buckets.values(), outputs):
             _scatter_back(out, indices, blocks, results)
         return results
@@ -61,7 +66,7 @@ def orthogonalize_blocks(
     # Each bucket's matrices are numbered 0..total-1 in block order; rank r takes [bounds[r], bounds[r+1]).
     plan = []
     payload_numel = [0] * world
-    jobs = []
+    jobs, job_forms = [], []
     squares = [] if sum_squares is not None else None
     for shape, indices in sorted(buckets.items()):
         total = sum(blocks[i].shape[0] for i in indices)
@@ -74,18 +79,17 @@ def orthogonalize_blocks(
         start, end = bounds[rank], bounds[rank + 1]
         if end > start:
             jobs.append(_matrix_range([_wide(blocks[i]) for i in indices], start, end))
+            job_forms.append(forms[shape])
             if squares is not None:
                 squares.append(_matrix_range([sum_squares[i] for i in indices], start, end))
-    send_parts = [
-        out.reshape(-1) for out in _newton_schulz_jobs(jobs, dtype, kernel, graphs, static_inputs, squares)
-    ]
+    outputs = _newton_schulz_jobs(jobs, dtype, kernel, graphs, static_inputs, squares, job_forms)
 
-    device = blocks[0].device
     width = max(payload_numel)
     send = torch.zeros(width, dtype=dtype, device=device)
-    if send_parts:
-        mine_flat = torch.cat(send_parts) if len(send_parts) > 1 else send_parts[0]
-        send[: mine_flat.numel()].copy_(mine_flat)
+    filled = 0
+    for out in outputs:  # the Gram form's fp16 results travel in `dtype` like the others
+        send[filled : filled + out.numel()].copy_(out.reshape(-1))
+        filled += out.numel()
     gathered = torch.empty(world * width, dtype=dtype, device=device)
     _all_gather_flat(gathered, send, group)
 
@@ -132,13 +136,16 @@ def _newton_schulz_jobs(
     graphs: dict | None,
     static_inputs: bool = False,
     squares: list[list[torch.Tensor]] | None = None,
+    forms: list[str] | None = None,
 ) -> list[torch.Tensor]:
     """Hybrid NS of each job (a list of same-shape [b_i, n, m] pieces stacked into one batch).
 
     squares: per job, the fp32 [b_i, parts] sums of squares of its pieces (hybrid_newton_schulz's sum_squares).
+    forms: per job, "standard" or "gram" (None: all standard).
     """
     if not jobs:
         return []
+    forms = forms or ["standard"] * len(jobs)
     device = jobs[0][0].device
     shapes = [(sum(p.shape[0] for p in job), *job[0].shape[1:]) for job in jobs]
     square_shapes = [(shape[0], *pieces[0].shape[1:]) for shape, pieces in zip(shapes, squares or [])]
@@ -146,20 +153,20 @@ def _newton_schulz_jobs(
         stacks = [_stacked(job, shape, dtype) for shape, job in zip(shapes, jobs)]
         square_stacks = [_stacked(p, s, torch.float32) for s, p in zip(square_shapes, squares or [])]
         return [
-            hybrid_newton_schulz(x, dtype=dtype, kernel=kernel, sum_squares=sq)
-            for x, sq in zip(stacks, square_stacks or [None] * len(stacks))
+            hybrid_newton_schulz(x, dtype=dtype, kernel=kernel, sum_squares=sq, form=f)
+            for x, sq, f in zip(stacks, square_stacks or [None] * len(stacks), forms)
         ]
 
     # CUDA graph: a step launches ~34 kernels per bucket (10 iterations × 3 products + normalisation), which
     # leaves small buckets launch-bound; one replay per step removes that. Shapes are fixed from step to step.
-    key = (dtype, kernel, tuple(shapes), tuple(square_shapes))
+    key = (dtype, kernel, tuple(shapes), tuple(square_shapes), tuple(forms))
     entry = graphs.get(key)
     if entry is None:
         static_in = [_static_input(job, shape, dtype, static_inputs) for shape, job in zip(shapes, jobs)]
         static_sq = [_static_input(p, s, torch.float32, static_inputs) for s, p in zip(square_shapes, squares or [])]
         run = lambda: [  # noqa: E731
-            hybrid_newton_schulz(x, dtype=dtype, kernel=kernel, sum_squares=sq)
-            for x, sq in zip(static_in, static_sq or [None] * len(static_in))
+            hybrid_newton_schulz(x, dtype=dtype, kernel=kernel, sum_squares=sq, form=f)
+            for x, sq, f in zip(static_in, static_sq or [None] * len(static_in), forms)
         ]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())

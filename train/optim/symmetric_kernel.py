@@ -1,9 +1,13 @@
-"""Triton kernel for the symmetric products of Newton–Schulz (spec §3.11): C = s·(alpha·X·Xᵀ + beta·D + delta·I).
+"""Triton kernel for the symmetric products of Newton–Schulz (spec §3.11): C = s·(alpha·X·Yᵀ + beta·D + delta·I).
 
 In a Newton–Schulz step both A = X·Xᵀ and B = b·A + c·A·A are symmetric, and since A = Aᵀ the second is
 c·A·Aᵀ + b·A: the same "Gram plus addend" product. Only the tiles on and above the diagonal are computed;
 each off-diagonal tile is also stored transposed below the diagonal. That halves the work of two of the
 three matmuls of a step (the third, B·X, is a general product left to cuBLAS).
+
+The Gram form of Newton–Schulz (train.optim.newton_schulz) multiplies two different symmetric matrices that
+commute (polynomials of the same Gram matrix), whose product is symmetric too: with Y = B symmetric, X·Yᵀ is
+that product, so the same kernel takes a second operand Y.
 
 The optional per-matrix factor s and diagonal term delta·I let the first Newton–Schulz step take an
 unnormalised X (train.optim.newton_schulz, `sum_squares`): A₀ = X·Xᵀ/‖X‖², B₀ = (a·I + b·A₀ + c·A₀²)/‖X‖,
@@ -12,8 +16,8 @@ X₁ = B₀·X, so the separate X/‖X‖ pass over the whole matrix disappears.
 Imported lazily by `train.optim.newton_schulz` only when ns_kernel="triton", so CPU runs never need Triton.
 The torch reference is `torch.baddbmm(D, X, X.mT, beta=beta, alpha=alpha)`.
 
-Shapes: X [batch, n, k] (row-major, contiguous), D [batch, n, n] symmetric or None, s fp32 [batch] or None,
-C [batch, n, n].
+Shapes: X and Y [batch, n, k] (row-major, contiguous; Y = X unless given), D [batch, n, n] symmetric or
+None, s fp32 [batch] or None, C [batch, n, n].
 TRITON_INTERPRET=1 (Triton installed, no GPU) runs the kernel on CPU tensors for debugging.
 """
 
@@ -33,9 +37,10 @@ _CONFIGS = [
 
 @triton.jit
 def _gram_upper_kernel(
-    x_ptr, d_ptr, c_ptr, scale_ptr,
+    x_ptr, y_ptr, d_ptr, c_ptr, scale_ptr,
     N, K,
     stride_xb, stride_xn, stride_xk,
+    stride_yb, stride_yn, stride_yk,
     stride_db, stride_dn, stride_dm,
     stride_cb, stride_cn, stride_cm,
     alpha, beta, delta,
@@ -71,9 +76,8 @@ def _gram_upper_kernel(
     rows = ti * BLOCK + tl.arange(0, BLOCK)
     cols = tj * BLOCK + tl.arange(0, BLOCK)
     ks = tl.arange(0, BLOCK_K)
-    x_base = x_ptr + bid * stride_xb
-    a_ptrs = x_base + rows[:, None] * stride_xn + ks[None, :] * stride_xk
-    b_ptrs = x_base + cols[:, None] * stride_xn + ks[None, :] * stride_xk
+    a_ptrs = x_ptr + bid * stride_xb + rows[:, None] * stride_xn + ks[None, :] * stride_xk
+    b_ptrs = y_ptr + bid * stride_yb + cols[:, None] * stride_yn + ks[None, :] * stride_yk
     row_ok = rows[:, None] < N
     col_ok = cols[:, None] < N
 
@@ -87,7 +91,7 @@ def _gram_upper_kernel(
         else:
             acc = tl.dot(a, tl.trans(b), acc)
         a_ptrs += BLOCK_K * stride_xk
-        b_ptrs += BLOCK_K * stride_xk
+        b_ptrs += BLOCK_K * stride_yk
 
     acc = acc * alpha
     out_mask = (rows[:, None] < N) & (cols[None, :] < N)
@@ -126,6 +130,7 @@ def _grid_size(n: int, block: int) -> tuple[int, int]:
 def symmetric_gram(
     X: torch.Tensor,
     *,
+    other: torch.Tensor | None = None,
     alpha: float = 1.0,
     beta: float = 0.0,
     addend: torch.Tensor | None = None,
@@ -133,8 +138,10 @@ def symmetric_gram(
     scale: torch.Tensor | None = None,
     config: dict | None = None,
 ) -> torch.Tensor:
-    """scale·(alpha·X·Xᵀ + beta·addend + diagonal·I) for X [batch, n, k] (CUDA, contiguous).
+    """scale·(alpha·X·Yᵀ + beta·addend + diagonal·I) for X [batch, n, k] (CUDA, contiguous), Y = `other` or X.
 
+    other: [batch, n, k] with X·otherᵀ symmetric (the caller's guarantee: only the upper tiles are computed),
+    e.g. a symmetric matrix that commutes with X. None: Y = X, the Gram matrix.
     addend: [batch, n, n] symmetric or None; diagonal: added to the diagonal, or None; scale: fp32 [batch]
     (one factor per matrix, on X's device) or None. The whole sum is formed in fp32 and rounded once.
 
@@ -146,6 +153,9 @@ def symmetric_gram(
     if not X.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("symmetric_gram needs a CUDA tensor: use the torch Newton–Schulz path on CPU")
     X = X.contiguous()
+    Y = X if other is None else other.contiguous()
+    if Y.shape != X.shape or Y.dtype != X.dtype:
+        raise ValueError(f"other must match X: {Y.dtype} {tuple(Y.shape)} vs {X.dtype} {tuple(X.shape)}")
     batch, n, k = X.shape
     C = torch.empty((batch, n, n), dtype=X.dtype, device=X.device)
     if addend is not None:
@@ -161,9 +171,10 @@ def symmetric_gram(
     grid = lambda meta: (_grid_size(n, meta["BLOCK"])[0], batch)
     kernel = _gram_upper_kernel_tuned if config is None else _gram_upper_kernel
     kernel[grid](
-        X, d, C, scale if scale is not None else C,
+        X, Y, d, C, scale if scale is not None else C,
         n, k,
         X.stride(0), X.stride(1), X.stride(2),
+        Y.stride(0), Y.stride(1), Y.stride(2),
         d.stride(0), d.stride(1), d.stride(2),
         C.stride(0), C.stride(1), C.stride(2),
         alpha, beta, diagonal or 0.0,
