@@ -4,7 +4,7 @@ Gradient-in-forward with 4 head-sized GEMMs (spec §6 table), processed per chun
 
 1. `logits_partials_kernel` (TileLang, one CTA per 128×128 tile of the chunk's [R, V] logits):
    both logit tiles `H_s·W_sᵀ` and `H_t·W_tᵀ` are accumulated in registers over the hidden
-   dimension (TMA + WGMMA pipeline, warp-specialised by TileLang), tempered, and reduced to the
+   dimension (TMA + WGMMA pipeline, warp-specialised by TileLang) and reduced to the tempered
    per-tile partials of `ref.PARTIAL_CHANNELS` from the fp32 accumulators. The epilogue also writes
    the tile's logits *relative to their tile max* as fp16 ([R, V] workspace): near the max fp16
    keeps 11 bits where raw bf16 logits keep 8, so the gradient sees logits 8× more precise than a
@@ -43,6 +43,9 @@ LN2 = 0.6931471805599453
 # Logits minus the tile max are stored as fp16; clamping keeps them finite (exp underflows to 0
 # long before -6e4 anyway), so no 0·inf appears downstream.
 FP16_FLOOR = -60000.0
+# Logit given to the columns past V of the last tile: finite, so 0·(z − m) stays 0, and far below
+# any real logit, so exp underflows to 0 (even times a large 1/τ, where it reaches -inf).
+PAD_LOGIT = -1e30
 PASS_CONFIGS = {tilelang.PassConfigKey.TL_ENABLE_FAST_MATH: True}
 
 
@@ -124,40 +127,52 @@ def logits_partials_kernel(block_m: int, block_v: int, block_k: int, num_stages:
                 T.wgmma_gemm(hidden_tile[0:block_m, :], head_tile[0:block_v, :], zs, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
                 T.gemm(hidden_tile[block_m : 2 * block_m, :], head_tile[block_v : 2 * block_v, :], zt, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
 
-            # Temper; vocabulary columns past V (ragged last tile) drop out of every max and sum.
-            for i, j in T.Parallel(block_m, block_v):
-                zs[i, j] = T.if_then_else(bv * block_v + j < vocab, zs[i, j] * inv_tau, -T.infinity(f32))
-                zt[i, j] = T.if_then_else(bv * block_v + j < vocab, zt[i, j] * inv_tau, -T.infinity(f32))
+            # The accumulators stay untempered: τ > 0 commutes with the max, and every cross sum is
+            # linear in z, so 1/τ is applied per row at the end and folded into one FFMA per
+            # element below (exp2(z·c − m·c), as flash attention does) instead of a pass of its own.
+            # Columns past V (only in the ragged last tile) become a huge finite negative logit:
+            # exp gives 0 and their z_s − z_t is 0, so no per-element mask is needed anywhere else.
+            if bv == n_tiles - 1:
+                for i, j in T.Parallel(block_m, block_v):
+                    zs[i, j] = T.if_then_else(bv * block_v + j < vocab, zs[i, j], PAD_LOGIT)
+                    zt[i, j] = T.if_then_else(bv * block_v + j < vocab, zt[i, j], PAD_LOGIT)
             T.reduce_max(zs, max_s, dim=1)
             T.reduce_max(zt, max_t, dim=1)
+            exp_scale = inv_tau * LOG2E
 
-            # Teacher: S_t, the fp16 relative logits, then B = Σ e_t (z_t − z_s).
+            # Teacher: S_t, the fp16 relative logits, then Σ e_t (z_s − z_t) = −B·τ.
             for i, j in T.Parallel(block_m, block_v):
-                work[i, j] = T.exp2((zt[i, j] - max_t[i]) * LOG2E)
+                work[i, j] = T.exp2(zt[i, j] * exp_scale - max_t[i] * exp_scale)
             T.reduce_sum(work, sum_t, dim=1)
             for i, j in T.Parallel(block_m, block_v):
-                rel_out[i, j] = T.max(zt[i, j] - max_t[i], FP16_FLOOR)
+                rel_out[i, j] = T.max(zt[i, j] * inv_tau - max_t[i] * inv_tau, FP16_FLOOR)
             T.copy(rel_out, teacher_rel[bm * block_m, bv * block_v])
-            for i, j in T.Parallel(block_m, block_v):  # zt now holds z_s − z_t (0 past V)
-                zt[i, j] = T.if_then_else(bv * block_v + j < vocab, zs[i, j] - zt[i, j], 0.0)
+            for i, j in T.Parallel(block_m, block_v):  # zt now holds z_s − z_t
+                zt[i, j] = zs[i, j] - zt[i, j]
             for i, j in T.Parallel(block_m, block_v):
-                work[i, j] = -work[i, j] * zt[i, j]
+                work[i, j] = work[i, j] * zt[i, j]
             T.reduce_sum(work, forward_cross, dim=1)
 
-            # Student: S_s, A = Σ e_s (z_s − z_t), E = Σ e_s (z_s − m_s), relative logits.
+            # Student: S_s, A·τ = Σ e_s (z_s − z_t), E·τ = Σ e_s (z_s − m_s), relative logits.
             for i, j in T.Parallel(block_m, block_v):
-                work[i, j] = T.exp2((zs[i, j] - max_s[i]) * LOG2E)
+                work[i, j] = T.exp2(zs[i, j] * exp_scale - max_s[i] * exp_scale)
             T.reduce_sum(work, sum_s, dim=1)
             for i, j in T.Parallel(block_m, block_v):
                 zt[i, j] = work[i, j] * zt[i, j]
             T.reduce_sum(zt, reverse_cross, dim=1)
             for i, j in T.Parallel(block_m, block_v):
-                rel_out[i, j] = T.max(zs[i, j] - max_s[i], FP16_FLOOR)
+                rel_out[i, j] = T.max(zs[i, j] * inv_tau - max_s[i] * inv_tau, FP16_FLOOR)
             T.copy(rel_out, student_rel[bm * block_m, bv * block_v])
             for i, j in T.Parallel(block_m, block_v):
-                zs[i, j] = T.if_then_else(bv * block_v + j < vocab, work[i, j] * (zs[i, j] - max_s[i]), 0.0)
+                zs[i, j] = work[i, j] * (zs[i, j] - max_s[i])
             T.reduce_sum(zs, centered_s, dim=1)
 
+            for i in T.Parallel(block_m):  # temper the per-row results
+                max_s[i] = max_s[i] * inv_tau
+                max_t[i] = max_t[i] * inv_tau
+                centered_s[i] = centered_s[i] * inv_tau
+                reverse_cross[i] = reverse_cross[i] * inv_tau
+                forward_cross[i] = -forward_cross[i] * inv_tau
             T.copy(max_s, partials[bv, 0, bm * block_m])
             T.copy(sum_s, partials[bv, 1, bm * block_m])
             T.copy(centered_s, partials[bv, 2, bm * block_m])
