@@ -33,6 +33,36 @@ def _identity(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def fp32_scores(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """queries [batch, X, D] · keys [batch, K, D]ᵀ → fp32 [batch, X, K]: attention logits stay fp32 (spec §3).
+
+    Under CUDA autocast the operands run on the tensor cores in the autocast dtype with an fp32 result
+    (`out_dtype`), where a plain matmul would round every logit to bf16 (±0.25 at a logit of 100), as flash
+    attention never does. Elsewhere (CPU, or no autocast) the product runs in fp32.
+    """
+    if queries.is_cuda and torch.is_autocast_enabled("cuda"):
+        dtype = torch.get_autocast_dtype("cuda")
+        return _LowPrecisionScores.apply(queries.to(dtype), keys.to(dtype))
+    with torch.autocast(queries.device.type, enabled=False):
+        return torch.bmm(queries.float(), keys.float().mT)
+
+
+class _LowPrecisionScores(torch.autograd.Function):
+    """bmm with an fp32 result from low-precision operands; torch 2.11 has no derivative for bmm's out_dtype form.
+    The backward products take the logit gradient in the operands' dtype, as flash attention's backward does."""
+
+    @staticmethod
+    def forward(ctx, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(queries, keys)
+        return torch.bmm(queries, keys.mT, out_dtype=torch.float32)
+
+    @staticmethod
+    def backward(ctx, grad_scores: torch.Tensor):
+        queries, keys = ctx.saved_tensors
+        grad = grad_scores.to(queries.dtype)
+        return torch.bmm(grad, keys), torch.bmm(grad.mT, queries)
+
+
 @dataclass
 class AttentionAux:
     """Side outputs of one attention layer."""
@@ -156,7 +186,7 @@ class Attention(nn.Module):
                                             entry_cos, entry_sin, key_projections=index_proj)
                 if self.indexer_mode == "sparse":
                     comp_mask = select_topk(index_scores, self.index_topk) & visible
-            comp = torch.einsum("bthd,bed->bhte", q32, entries) * scale
+            comp = fp32_scores(q32.flatten(1, 2), entries).unflatten(1, (T, -1)).transpose(1, 2) * scale
             logits.append(comp.masked_fill(~comp_mask[:, None], float("-inf")))
 
         H = q.shape[2]
@@ -192,7 +222,8 @@ class Attention(nn.Module):
         n_blocks = keys.shape[1]
         q_blocks = nn.functional.pad(q32, (0, 0, 0, 0, 0, n_blocks * self.window - T))
         q_blocks = q_blocks.view(B, n_blocks, self.window, -1, q32.shape[-1])
-        win = torch.einsum("bnwhd,bnkd->bhnwk", q_blocks, keys)
+        win = fp32_scores(q_blocks.flatten(0, 1).flatten(1, 2), keys.flatten(0, 1))  # [B·N, W·H, 2W]
+        win = win.view(B, n_blocks, self.window, -1, win.shape[-1]).permute(0, 3, 1, 2, 4)
         win = win.masked_fill(~win_mask[:, None], float("-inf"))
         return win.flatten(2, 3)[:, :, :T], keys
 
@@ -205,7 +236,7 @@ class Attention(nn.Module):
         q_pos = positions_BT[:, :, None]
         mask = ((key_docs[:, None, :] == doc_ids_BT[:, :, None]) & (key_pos[:, None, :] <= q_pos)
                 & (key_pos[:, None, :] > q_pos - self.window))
-        win = torch.einsum("bthd,bkd->bhtk", q32, keys)
+        win = fp32_scores(q32.flatten(1, 2), keys).unflatten(1, (T, -1)).transpose(1, 2)
         return win.masked_fill(~mask[:, None], float("-inf")), keys
 
     def _grouped_output(self, o_BTHD: torch.Tensor) -> torch.Tensor:
