@@ -16,6 +16,7 @@ from train.optim.grouping import MUON_EXPERT_STACK, MUON_MATRIX, MUON_ROW_GROUPS
 
 STEPS = 5
 CFG = OptimConfig(lr=0.02, weight_decay=0.1, ns_dtype="float32")
+GRAM_CFG = OptimConfig(lr=0.02, weight_decay=0.1, ns_dtype="float32", ns_form="gram")
 
 
 def init_process(rank: int, world: int, init_file: str) -> None:
@@ -46,16 +47,17 @@ def run_dp_and_tp(rank: int, world: int, init_file: str, out_dir: str) -> None:
     """The data-parallel and both tensor-parallel scenarios in one process group (one spawn for three tests)."""
     init_process(rank, world, init_file)
     run_dp_shared_ns(rank, f"{out_dir}/dp.pt")
+    run_dp_shared_ns(rank, f"{out_dir}/dp_gram.pt", GRAM_CFG)
     run_tensor_parallel(rank, world, f"{out_dir}/tp.pt", blockwise=False)
     run_tensor_parallel(rank, world, f"{out_dir}/tp_blockwise.pt", blockwise=True)
     finish_process()
 
 
-def run_dp_shared_ns(rank: int, out_path: str) -> None:
+def run_dp_shared_ns(rank: int, out_path: str, cfg: OptimConfig = CFG) -> None:
     """Replicas with identical gradients; each rank orthogonalises a share of the matrices, then all-gather."""
     torch.manual_seed(0)
     model = MiniV4()
-    optimizer = Muon(param_groups_for(model, CFG), CFG, dp_group=dist.group.WORLD)
+    optimizer = Muon(param_groups_for(model, cfg), cfg, dp_group=dist.group.WORLD)
     params = list(model.parameters())
     for step in range(STEPS):
         for p, g in zip(params, seeded_grads(params, step)):
@@ -65,10 +67,10 @@ def run_dp_shared_ns(rank: int, out_path: str) -> None:
         torch.save(model.state_dict(), out_path)
 
 
-def single_dp_shared_ns() -> dict[str, torch.Tensor]:
+def single_dp_shared_ns(cfg: OptimConfig = CFG) -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
     model = MiniV4()
-    optimizer = Muon(param_groups_for(model, CFG), CFG)
+    optimizer = Muon(param_groups_for(model, cfg), cfg)
     params = list(model.parameters())
     for step in range(STEPS):
         for p, g in zip(params, seeded_grads(params, step)):

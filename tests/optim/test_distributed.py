@@ -21,12 +21,14 @@ def spawn(fn, *args) -> None:
 def dp_tp_results(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("dp_tp")
     spawn(workers.run_dp_and_tp, str(out_dir))
-    return {name: torch.load(out_dir / f"{name}.pt", weights_only=True) for name in ("dp", "tp", "tp_blockwise")}
+    names = ("dp", "dp_gram", "tp", "tp_blockwise")
+    return {name: torch.load(out_dir / f"{name}.pt", weights_only=True) for name in names}
 
 
-def test_dp2_shared_newton_schulz_equals_single_process(dp_tp_results):
-    distributed = dp_tp_results["dp"]
-    single = workers.single_dp_shared_ns()
+@pytest.mark.parametrize("form", ["standard", "gram"])
+def test_dp2_shared_newton_schulz_equals_single_process(dp_tp_results, form):
+    distributed = dp_tp_results["dp" if form == "standard" else "dp_gram"]
+    single = workers.single_dp_shared_ns(workers.CFG if form == "standard" else workers.GRAM_CFG)
     for name, value in single.items():
         # Each rank runs the same batched fp32 NS on a slice of each shape bucket. The workers use 1 thread and
         # this process 2, which changes CPU matmul blocking: measured max |diff| 3.0e-8 on weights up to 4.1.
