@@ -2,14 +2,18 @@
 
 Measures, in bf16 on CUDA:
 1. Newton–Schulz (10 hybrid steps) on 4096×4096, 2048×7168 and 7168×18432: textbook torch ops ("plain"),
-   our fused torch path (addmm/baddbmm epilogues), our Triton symmetric-product path, and DeepSpeed's
-   5-step NS; time, TFLOP/s counted as 10·(4n²m + 2n³) (5· for DeepSpeed), output singular-value range.
+   our fused torch path (addmm/baddbmm epilogues), our Triton symmetric-product path, the Gram form (cuBLAS
+   or Triton products, fp16), the same replayed from CUDA graphs, and DeepSpeed's 5-step NS; time, TFLOP/s
+   counted as 10·(4n²m + 2n³) (5· for DeepSpeed) whatever the form, output singular-value range.
+   Section "gram": the Gram form's restart schedules against the bf16 standard form — error vs the fp32
+   iteration and singular values on Gaussian, log-uniform and "spiky" spectra.
 2. The two symmetric products alone (Triton upper-tile kernel vs cuBLAS).
 3. The optimizer step of the h200_1b preset (spec §4.2; the real V4Model parameter set): our Muon (torch and
    Triton NS), torch fused AdamW over all parameters, DeepSpeed's MuonWithAuxAdam, the NS share alone, and
    the NS time of one rank's share when 2/4/8 data-parallel ranks share the work (communication excluded).
 
-Usage: python bench/muon.py [--out bench/results/muon.json] [--skip-deepspeed] [--step-only [--rounds 2]]
+Usage: python bench/muon.py [--out bench/results/muon.json] [--skip-deepspeed] [--sections ns,gram,products,step]
+       [--step-only [--rounds 2]]
 DeepSpeed's Muon functions are wrapped in torch.compile; they are timed eagerly (compile time would exceed
 the benchmark's device budget), which the table notes.
 """
