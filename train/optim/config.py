@@ -54,8 +54,9 @@ class OptimConfig:
     is installed, else foreach)."""
     fold_ns_normalization: bool = True
     """With muon_elementwise="triton": the look-ahead pass also writes each matrix's sum of squares, and Newton–
-    Schulz folds 1/‖X‖ into its first step (ns_kernel="triton") or divides by the given norm (ns_kernel="torch")
-    instead of a separate norm pass over the buckets. False: Newton–Schulz normalises on its own (reference)."""
+    Schulz folds 1/‖X‖ into its first step (standard form, ns_kernel="triton") or divides by the given norm
+    (ns_kernel="torch", and the Gram form's normalise-and-cast pass) instead of computing the norm in a pass of
+    its own. False: Newton–Schulz normalises on its own (reference)."""
     overlap_muon_update: bool = False
     """With muon_elementwise="triton" on CUDA: each bucket's update pass W ← W·(1 − ηλ) − ηsO runs on a side
     stream while Newton–Schulz works on the next bucket (one NS call and CUDA graph per bucket). Same results."""
