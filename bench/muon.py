@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from train.optim import OptimConfig, build_optimizer, hybrid_newton_schulz  # noqa: E402
 from train.optim.newton_schulz import plain_newton_schulz  # noqa: E402
-from train.optim.orthogonalize import _newton_schulz_jobs  # noqa: E402
+from train.optim.orthogonalize import _newton_schulz_jobs, capture_cuda_graph  # noqa: E402
 
 NS_SHAPES = [(4096, 4096), (2048, 7168), (7168, 18432)]
 BRIEF_PLAIN_MS = {(4096, 4096): 6.5, (2048, 7168): 2.5, (7168, 18432): 68.9}
@@ -94,15 +94,8 @@ def graphed(fn):
     state = {}
 
     def replay():
-        if "graph" not in state:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                fn()  # warm-up outside the capture: cuBLAS workspaces, Triton autotuning
-            torch.cuda.current_stream().wait_stream(side)
-            state["graph"] = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(state["graph"]):
-                state["out"] = fn()
+        if not state:
+            state["graph"], state["out"] = capture_cuda_graph(fn)
         state["graph"].replay()
         return state["out"]
 

@@ -259,7 +259,7 @@ def convert(ckpt_path: Path, out_root: Optional[Path] = None) -> Path:
     return save_checkpoint(out_root, ckpt["_step"], _ConvertedParts(ckpt), meta=meta)
 
 
-def local_entry(params: Dict[str, ParamState], name: str, shape: torch.Size,
+def local_entry(params: Mapping[str, ParamState], name: str, shape: torch.Size,
                 cut: Iterable[Tuple[int, int, int]] = ()) -> ParamState:
     """This rank's slice of parameter `name`'s universal entry: the fp32 weight and every state
     tensor cut by (dim, parts, index) steps (tensor-parallel, expert-parallel), checked against

@@ -126,15 +126,23 @@ def hybrid_newton_schulz(
         X0 = torch.empty(X.shape, dtype=gram_dtype, device=X.device)
         torch.mul(X, norm.reciprocal(), out=X0)
         X = _gram_newton_schulz(X0, kernel)
-        if tall:
-            X = X.mT
-        return X if G.ndim == 3 else X.squeeze(0)
+    else:
+        X = _standard_newton_schulz(X, norm, compute_dtype, kernel, folded=sum_squares is not None)
+    if tall:
+        X = X.mT
+    return X if G.ndim == 3 else X.squeeze(0)
 
+
+def _standard_newton_schulz(
+    X: torch.Tensor, norm: torch.Tensor, dtype: torch.dtype, kernel: str, folded: bool
+) -> torch.Tensor:
+    """The standard form (module docstring) on wide X [batch, n, m] with norms [batch, 1, 1]; folded (Triton
+    only): the norms came from the caller, so 1/‖X‖ goes into the first step instead of a division pass."""
     schedule = HYBRID_SCHEDULE
-    if kernel == "triton" and sum_squares is not None:
+    if kernel == "triton" and folded:
         from train.optim.symmetric_kernel import symmetric_gram
 
-        X = X.to(compute_dtype).contiguous()  # no copy for the fused step's bucket buffers
+        X = X.to(dtype).contiguous()  # no copy for the fused step's bucket buffers
         inverse = norm.view(-1).reciprocal()
         (a, b, c), schedule = schedule[0], schedule[1:]
         A = symmetric_gram(X, scale=inverse * inverse)  # X₀X₀ᵀ from the unnormalised X
@@ -143,7 +151,7 @@ def hybrid_newton_schulz(
     else:
         # The norm is accumulated in fp32; the division runs in the compute dtype, so a bf16 input is read and
         # written once in bf16 instead of passing through an fp32 copy (the bf16-rounded norm is within 2^-9).
-        X = X.to(compute_dtype) / norm.to(compute_dtype)
+        X = X.to(dtype) / norm.to(dtype)
         # The stabilising steps need an X whose rows are contiguous for the kernels and for baddbmm's output.
         X = X.contiguous()
 
@@ -159,10 +167,7 @@ def hybrid_newton_schulz(
             A = torch.bmm(X, X.mT)
             B = torch.baddbmm(A, A, A, beta=b, alpha=c)
             X = torch.baddbmm(X, B, X, beta=a, alpha=1.0)
-
-    if tall:
-        X = X.mT
-    return X if G.ndim == 3 else X.squeeze(0)
+    return X
 
 
 SYMMETRIC_KERNEL_MIN_WAVES = 4

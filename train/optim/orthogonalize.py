@@ -168,14 +168,7 @@ def _newton_schulz_jobs(
             hybrid_newton_schulz(x, dtype=dtype, kernel=kernel, sum_squares=sq, form=f)
             for x, sq, f in zip(static_in, static_sq or [None] * len(static_in), forms)
         ]
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up outside the capture: cuBLAS workspaces, Triton autotuning
-            run()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_out = run()
+        graph, static_out = capture_cuda_graph(run)
         entry = graphs[key] = (graph, static_in + static_sq, static_out)
     else:
         for buffer, pieces in zip(entry[1], jobs + (squares or [])):
@@ -183,6 +176,20 @@ def _newton_schulz_jobs(
                 _stack_into(buffer, pieces)
     entry[0].replay()
     return entry[2]
+
+
+def capture_cuda_graph(run):
+    """(graph, outputs): run() once on a side stream to warm up (cuBLAS workspaces, Triton autotuning), then
+    captured; each graph.replay() recomputes the outputs in place from the same input tensors."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        run()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = run()
+    return graph, outputs
 
 
 def _stacked(pieces: list[torch.Tensor], shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
