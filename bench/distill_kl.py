@@ -122,7 +122,7 @@ def breakdown(n, vocab, d):
     hs, ht = hs_gemm[:rows], ht[:rows]
     n_tiles = -(-vocab // c.block_v)
     logits = K.logits_partials_kernel(c.block_m, c.block_v, c.block_k, c.num_stages, c.threads)
-    combine = K.combine_partials_kernel(vocab, c.block_v)
+    combine = K.combine_partials_kernel(vocab, c.block_v, c.combine_block_r, c.combine_group)
     grad = K.logit_grad_kernel("reverse", 1.0, vocab, vocab_pad, c.elementwise_block_m, c.block_v, c.threads)
     rel_s = torch.empty(rows, vocab_pad, device="cuda", dtype=torch.float16)
     rel_t = torch.empty_like(rel_s)

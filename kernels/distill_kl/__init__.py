@@ -36,9 +36,10 @@ class DistillKLOutput(NamedTuple):
 
 class _DistillKLFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, student_hidden, student_head, run):
+    def forward(ctx, student_hidden, student_head, run, scale_on_device):
         result: DistillKLResult = run()
         ctx.save_for_backward(result.grad_student_hidden, result.grad_student_head)
+        ctx.scale_on_device = scale_on_device
         extras = [result.per_token_kl, result.entropy]
         if result.target_logprob is not None:
             extras.append(result.target_logprob)
@@ -50,11 +51,16 @@ class _DistillKLFunction(torch.autograd.Function):
         grad_hidden, grad_head = ctx.saved_tensors
         # Gradient-in-forward (spec §6): the stored gradients are for grad_loss = 1; any other
         # upstream scale (loss weights, later averaging) is applied here, in place.
-        if grad_loss.item() != 1.0:
-            for grad in (grad_hidden, grad_head):
-                if grad is not None:
-                    grad.mul_(grad_loss.to(grad.dtype))
-        return grad_hidden, grad_head, None
+        grads = [grad for grad in (grad_hidden, grad_head) if grad is not None]
+        if ctx.scale_on_device:  # the TileLang path: no host sync, no work when grad_loss is 1
+            from .kernel import scale_unless_one
+
+            for grad in grads:
+                scale_unless_one(grad, grad_loss)
+        elif grad_loss.item() != 1.0:
+            for grad in grads:
+                grad.mul_(grad_loss.to(grad.dtype))
+        return grad_hidden, grad_head, None, None
 
 
 def _check_inputs(student_hidden, student_head, teacher_hidden, teacher_heads, teacher_ids, target_ids, mask, kind, temperature, reduction, impl):
@@ -177,13 +183,16 @@ def distill_kl(
 
         def run():
             return kernel.distill_kl_tilelang(**arguments)
+
+        scale_on_device = True
     else:
+        scale_on_device = False
 
         def run():
             return distill_kl_reference(**arguments)
 
     if grad_hidden or grad_head:
-        outputs = _DistillKLFunction.apply(student_hidden, student_head, run)
+        outputs = _DistillKLFunction.apply(student_hidden, student_head, run, scale_on_device)
         loss, per_token_kl, entropy = outputs[:3]
         target_logprob = outputs[3] if target_ids is not None else None
     else:

@@ -342,7 +342,7 @@ def _nvcc_available():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("which", ["logits", "combine", "grad_reverse", "grad_forward", "grad_jsd", "jsd_partials"])
+@pytest.mark.parametrize("which", ["logits", "combine", "grad_reverse", "grad_forward", "grad_jsd", "jsd_partials", "scale"])
 def test_tilelang_kernels_compile_for_sm90(which):
     """Case 15: each TileLang kernel lowers and compiles for sm_90a with nvcc, no GPU needed."""
     tilelang = pytest.importorskip("tilelang", reason="tilelang not installed (pip install tilelang==0.1.15)")
@@ -358,6 +358,7 @@ def test_tilelang_kernels_compile_for_sm90(which):
         "grad_forward": (kernel.logit_grad_kernel, ("forward", 0.0, 1271, 1272, c.elementwise_block_m, c.block_v, c.threads)),
         "grad_jsd": (kernel.logit_grad_kernel, ("jsd", 0.5, 1271, 1272, c.elementwise_block_m, c.block_v, c.threads)),
         "jsd_partials": (kernel.jsd_partials_kernel, (0.5, 1271, 1272, c.elementwise_block_m, c.block_v, c.threads)),
+        "scale": (kernel.scale_unless_one_kernel, ()),
     }
     factory, args = factories[which]
     compiled = tilelang.compile(factory.get_tir(*args), target={"kind": "cuda", "arch": "sm_90a"}, pass_configs=kernel.PASS_CONFIGS)
@@ -379,9 +380,10 @@ def _errors_vs_truth(ours, bf16_torch, truth):
 
 @gpu
 @pytest.mark.parametrize("kind,beta", KIND_CASES)
-@pytest.mark.parametrize("n,vocab,d_s,d_t", [(401, 1271, 200, 136), (1000, 129_280, 4096, 4096), (7, 151_936, 4096, 4096)])
+@pytest.mark.parametrize("n,vocab,d_s,d_t", [(401, 1271, 200, 136), (300, 5003, 128, 264), (1000, 129_280, 4096, 4096), (7, 151_936, 4096, 4096)])
 def test_gpu_kernel_matches_oracle(kind, beta, n, vocab, d_s, d_t):
-    """Cases 1, 2, 4, 8 on the GPU, bf16 inputs, ragged N, V and d; fp32 truth with materialised logits."""
+    """Cases 1, 2, 4, 8 on the GPU, bf16 inputs, ragged N, V and d (a shorter teacher and a shorter
+    student: the kernel skips the shorter head's MMAs past its width); fp32 truth with materialised logits."""
     torch.backends.cuda.matmul.allow_tf32 = False
     hs, ws, ht, wt, ids, targets = make_inputs(n, vocab, d_s, d_t, dtype=torch.bfloat16, device="cuda")
     out, gh, gw = run_ours(hs, ws, ht, wt, ids, kind, beta, impl="tilelang", target_ids=targets)
@@ -446,6 +448,28 @@ def test_gpu_chunks_sharing_gemm_groups(n_teachers, masked):
         err = ((ours.double() - truth.double()).abs().max() / truth.abs().max()).item()
         print(f"\nchunked n_teachers={n_teachers} masked={masked} {name} err/max {err:.2e}", end="")
         assert err <= 1e-2, f"{name}: {err:.3e} relative to max |grad|"
+
+
+@gpu
+def test_gpu_forward_and_backward_never_sync_the_host():
+    """The TileLang path queues its whole step without a device sync, the upstream-gradient scale
+    included (`scale_unless_one` reads it on the device), so the host can run ahead."""
+    hs, ws, ht, wt, _, _ = make_inputs(300, 4000, 512, 512, dtype=torch.bfloat16, device="cuda")
+    hs.requires_grad_(True)
+    ws.requires_grad_(True)
+    distill_kl(hs, ws, ht, wt).loss.backward()  # compiles and caches the kernels first
+    expected = hs.grad.clone(), ws.grad.clone()
+    hs.grad = ws.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        (distill_kl(hs, ws, ht, wt).loss * 1.0).backward()
+        (distill_kl(hs, ws, ht, wt).loss * -2.0).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    # The second backward adds −2× the first one's gradients: the sum is −1× (bf16 rounding).
+    for grad, first in zip((hs.grad, ws.grad), expected):
+        assert ((grad.float() + first.float()).abs().max() / first.float().abs().max()).item() <= 1e-2
 
 
 @gpu
