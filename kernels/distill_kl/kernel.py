@@ -19,6 +19,8 @@ Gradient-in-forward with 4 head-sized GEMMs (spec §6 table), processed per chun
    to it the more rows they cover (3072 rather than 2048 rows: 5-9 % less time per row);
    dW_s accumulates across groups in the head's dtype (one rounding per group, as Liger's default
    does per chunk).
+5. In the backward, `scale_unless_one_kernel` applies the upstream gradient to the stored
+   gradients on the device (nothing to do when it is 1), so neither pass syncs the host.
 
 The workspace is one fp16 [gemm rows + R, V] buffer: the student logits of each chunk of the
 group, each overwritten in place by its bf16 gradient, then the current chunk's teacher logits.
