@@ -167,7 +167,8 @@ def distill_kl(
         grad_head=grad_head,
     )
 
-    if impl == "tilelang" and student_hidden.is_cuda:
+    use_kernel = impl == "tilelang" and student_hidden.is_cuda
+    if use_kernel:
         if student_hidden.dtype != torch.bfloat16 or teacher_hidden.dtype != torch.bfloat16:
             raise ValueError("impl='tilelang' takes bf16 hidden states and heads; cast them or use impl='torch'")
         for name, width in (("student", student_hidden.shape[1]), ("teacher", teacher_hidden.shape[1])):
@@ -183,16 +184,13 @@ def distill_kl(
 
         def run():
             return kernel.distill_kl_tilelang(**arguments)
-
-        scale_on_device = True
     else:
-        scale_on_device = False
 
         def run():
             return distill_kl_reference(**arguments)
 
     if grad_hidden or grad_head:
-        outputs = _DistillKLFunction.apply(student_hidden, student_head, run, scale_on_device)
+        outputs = _DistillKLFunction.apply(student_hidden, student_head, run, use_kernel)
         loss, per_token_kl, entropy = outputs[:3]
         target_logprob = outputs[3] if target_ids is not None else None
     else:
