@@ -13,7 +13,8 @@ Gradient-in-forward with 4 head-sized GEMMs (spec §6 table), processed per chun
    twin of `ref.merge_vocab_partials`) into per-row log-sum-exps, KL and entropy. For JSD,
    `jsd_partials_kernel` adds the pass that needs both normalised distributions.
 3. `logit_grad_kernel` (TileLang, elementwise) turns the workspace into d loss / d logits in bf16,
-   in place.
+   in place. Within a GEMM group the next chunk's logits kernel does this first (its
+   `pending_grad` variant), so only each group's last chunk needs the launch of its own.
 4. cuBLAS (torch.mm) does `dH = G·W_s` and `dW_s += Gᵀ·H_s` once per group of
    `chunks_per_gemm` chunks: plain GEMMs that cuBLAS runs near the matrix-unit ceiling, and closer
    to it the more rows they cover (3072 rather than 2048 rows: 5-9 % less time per row);
@@ -81,17 +82,168 @@ class DistillKLKernelConfig:
     """logits chunks whose bf16 gradients share one dH and one dW_s GEMM. The workspace holds
     their gradients plus one chunk's teacher logits, so a chunk gets 1/(chunks_per_gemm + 1) of
     it: 3 gives 1024-row chunks and 3072-row GEMMs at V = 129,280 (1 gives 2048 and 2048)"""
+    fuse_pending_grad: bool = True
+    """write a chunk's gradient inside the next chunk's logits kernel of the same GEMM group (the
+    `pending_grad` variant) instead of in a launch of its own; the group's last chunk keeps its
+    own launch, since the GEMMs need its gradient before any later logits kernel runs"""
 
 
 @tilelang.jit(pass_configs=PASS_CONFIGS)
-def logits_partials_kernel(block_m: int, block_v: int, block_k: int, num_stages: int, threads: int):
-    """Builds the fused two-head logits + partials kernel; every tensor dimension is dynamic."""
-    rows, vocab, vocab_pad, d_s, d_t = T.dynamic("rows, vocab, vocab_pad, d_s, d_t")
+def logits_partials_kernel(
+    block_m: int,
+    block_v: int,
+    block_k: int,
+    num_stages: int,
+    threads: int,
+    pending_grad: str | None = None,
+    beta: float = 0.0,
+    vocab_static: int | None = None,
+):
+    """Builds the fused two-head logits + partials kernel.
+
+    Every tensor dimension is dynamic unless `pending_grad` is a divergence kind: then each CTA
+    first turns the *previous* chunk's workspace tile at its own coordinates into the bf16
+    gradient (`logit_grad_kernel`'s work, for a chunk of the same row count), and only then
+    overwrites the shared teacher workspace tile with this chunk's logits, so the one teacher
+    buffer serves both chunks without a race. That memory-bound work runs while the producer
+    warpgroup fills the pipeline and while the other SMs do MMAs, instead of in a launch of its
+    own (a third of the 0.22 ms that launch takes per 1024-row chunk is saved: bench/NOTES.md).
+    The vocabulary is then static (`vocab_static`), so that those loads vectorise.
+    """
+    if pending_grad is None:
+        rows, vocab, vocab_pad, d_s, d_t = T.dynamic("rows, vocab, vocab_pad, d_s, d_t")
+    else:
+        if vocab_static is None:
+            raise ValueError("logits_partials_kernel(pending_grad=...) needs vocab_static (the vocabulary size)")
+        rows, d_s, d_t = T.dynamic("rows, d_s, d_t")
+        vocab, vocab_pad = vocab_static, -(-vocab_static // 8) * 8
     n_tiles = T.ceildiv(vocab, block_v)
     bf16, f16, f32 = T.bfloat16, T.float16, T.float32
+    if pending_grad is not None:
+        logit_grad_tile = logit_grad_tile_macro(pending_grad, beta, block_m, block_v)
+
+    @T.macro
+    def logits_tile(student_hidden, student_head, teacher_hidden, teacher_head, inv_tau, student_rel, teacher_rel, partials, bm, bv, pending):
+        # Student rows on top, teacher rows below: one buffer per operand means one barrier per
+        # pipeline stage, released only after the wait that ends both heads' MMAs.
+        hidden_tile = T.alloc_shared((2 * block_m, block_k), bf16)
+        head_tile = T.alloc_shared((2 * block_v, block_k), bf16)
+        rel_out = T.alloc_shared((block_m, block_v), f16)
+        zs = T.alloc_fragment((block_m, block_v), f32)
+        zt = T.alloc_fragment((block_m, block_v), f32)
+        work = T.alloc_fragment((block_m, block_v), f32)
+        max_s = T.alloc_fragment((block_m,), f32)
+        max_t = T.alloc_fragment((block_m,), f32)
+        sum_s = T.alloc_fragment((block_m,), f32)
+        sum_t = T.alloc_fragment((block_m,), f32)
+        centered_s = T.alloc_fragment((block_m,), f32)
+        reverse_cross = T.alloc_fragment((block_m,), f32)
+        forward_cross = T.alloc_fragment((block_m,), f32)
+
+        if pending_grad is not None:
+            prev_student_rel, prev_partials, prev_row_stats, prev_row_term, prev_scale, prev_grad = pending
+            pending_g = T.alloc_fragment((block_m, block_v), bf16)
+            logit_grad_tile(prev_student_rel, teacher_rel, prev_partials, prev_row_stats, prev_row_term, prev_scale, pending_g, bm, bv)
+        T.clear(zs)
+        T.clear(zt)
+        # One K loop feeds both heads so TileLang warp-specialises it (a second loop would
+        # not be); with d_s != d_t the shorter operand is zero-filled by TMA past its width
+        # and its MMAs are skipped there. The student MMAs are issued without a wait and the
+        # teacher gemm's wait covers both, so the tensor cores drain once per K step instead
+        # of twice; past d_t an explicit wait takes its place, before the stage is released.
+        for k in T.Pipelined(T.ceildiv(T.max(d_s, d_t), block_k), num_stages=num_stages):
+            k0 = k * block_k
+            T.copy(student_hidden[bm * block_m : (bm + 1) * block_m, k0 : k0 + block_k], hidden_tile[0:block_m, :])
+            T.copy(teacher_hidden[bm * block_m : (bm + 1) * block_m, k0 : k0 + block_k], hidden_tile[block_m : 2 * block_m, :])
+            T.copy(student_head[bv * block_v : (bv + 1) * block_v, k0 : k0 + block_k], head_tile[0:block_v, :])
+            T.copy(teacher_head[bv * block_v : (bv + 1) * block_v, k0 : k0 + block_k], head_tile[block_v : 2 * block_v, :])
+            if k0 < d_s:
+                T.wgmma_gemm(hidden_tile[0:block_m, :], head_tile[0:block_v, :], zs, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
+            if k0 < d_t:
+                T.gemm(hidden_tile[block_m : 2 * block_m, :], head_tile[block_v : 2 * block_v, :], zt, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
+            else:
+                T.wait_wgmma(0)
+        if pending_grad is not None:
+            # Stored after the loop: TileLang keeps a pre-loop statement on the consumer warpgroups
+            # only when something after the loop reads what it defines.
+            T.copy(pending_g, prev_grad[bm * block_m, bv * block_v])
+
+        # The accumulators stay untempered: τ > 0 commutes with the max, and every cross sum is
+        # linear in z, so 1/τ is applied per row at the end and folded into one FFMA per
+        # element below (exp2(z·c − m·c), as flash attention does) instead of a pass of its own.
+        # Columns past V (only in the ragged last tile) become a huge finite negative logit:
+        # exp gives 0 and their z_s − z_t is 0, so no per-element mask is needed anywhere else.
+        if bv == n_tiles - 1:
+            for i, j in T.Parallel(block_m, block_v):
+                zs[i, j] = T.if_then_else(bv * block_v + j < vocab, zs[i, j], PAD_LOGIT)
+                zt[i, j] = T.if_then_else(bv * block_v + j < vocab, zt[i, j], PAD_LOGIT)
+        T.reduce_max(zs, max_s, dim=1)
+        T.reduce_max(zt, max_t, dim=1)
+        exp_scale = inv_tau * LOG2E
+
+        # Teacher: S_t, the fp16 relative logits, then Σ e_t (z_s − z_t) = −B·τ.
+        for i, j in T.Parallel(block_m, block_v):
+            work[i, j] = T.exp2(zt[i, j] * exp_scale - max_t[i] * exp_scale)
+        T.reduce_sum(work, sum_t, dim=1)
+        for i, j in T.Parallel(block_m, block_v):
+            rel_out[i, j] = T.max(zt[i, j] * inv_tau - max_t[i] * inv_tau, FP16_FLOOR)
+        T.copy(rel_out, teacher_rel[bm * block_m, bv * block_v])
+        for i, j in T.Parallel(block_m, block_v):  # zt now holds z_s − z_t
+            zt[i, j] = zs[i, j] - zt[i, j]
+        for i, j in T.Parallel(block_m, block_v):
+            work[i, j] = work[i, j] * zt[i, j]
+        T.reduce_sum(work, forward_cross, dim=1)
+
+        # Student: S_s, A·τ = Σ e_s (z_s − z_t), E·τ = Σ e_s (z_s − m_s), relative logits.
+        for i, j in T.Parallel(block_m, block_v):
+            work[i, j] = T.exp2(zs[i, j] * exp_scale - max_s[i] * exp_scale)
+        T.reduce_sum(work, sum_s, dim=1)
+        for i, j in T.Parallel(block_m, block_v):
+            zt[i, j] = work[i, j] * zt[i, j]
+        T.reduce_sum(zt, reverse_cross, dim=1)
+        for i, j in T.Parallel(block_m, block_v):
+            rel_out[i, j] = T.max(zs[i, j] * inv_tau - max_s[i] * inv_tau, FP16_FLOOR)
+        T.copy(rel_out, student_rel[bm * block_m, bv * block_v])
+        for i, j in T.Parallel(block_m, block_v):
+            zs[i, j] = work[i, j] * (zs[i, j] - max_s[i])
+        T.reduce_sum(zs, centered_s, dim=1)
+
+        for i in T.Parallel(block_m):  # temper the per-row results
+            max_s[i] = max_s[i] * inv_tau
+            max_t[i] = max_t[i] * inv_tau
+            centered_s[i] = centered_s[i] * inv_tau
+            reverse_cross[i] = reverse_cross[i] * inv_tau
+            forward_cross[i] = -forward_cross[i] * inv_tau
+        T.copy(max_s, partials[bv, 0, bm * block_m])
+        T.copy(sum_s, partials[bv, 1, bm * block_m])
+        T.copy(centered_s, partials[bv, 2, bm * block_m])
+        T.copy(reverse_cross, partials[bv, 3, bm * block_m])
+        T.copy(max_t, partials[bv, 4, bm * block_m])
+        T.copy(sum_t, partials[bv, 5, bm * block_m])
+        T.copy(forward_cross, partials[bv, 6, bm * block_m])
+
+    if pending_grad is None:
+
+        @T.prim_func
+        def logits_partials(
+            student_hidden: T.Tensor((rows, d_s), bf16),
+            student_head: T.Tensor((vocab, d_s), bf16),
+            teacher_hidden: T.Tensor((rows, d_t), bf16),
+            teacher_head: T.Tensor((vocab, d_t), bf16),
+            inv_tau: f32,
+            student_rel: T.Tensor((rows, vocab_pad), f16),
+            teacher_rel: T.Tensor((rows, vocab_pad), f16),
+            partials: T.Tensor((n_tiles, N_PARTIALS, rows), f32),
+        ):
+            # Row blocks vary fastest, so the CTAs in flight share a few head tiles through L2 and
+            # each head row is read from HBM once per chunk.
+            with T.Kernel(T.ceildiv(rows, block_m), n_tiles, threads=threads) as (bm, bv):
+                logits_tile(student_hidden, student_head, teacher_hidden, teacher_head, inv_tau, student_rel, teacher_rel, partials, bm, bv, None)
+
+        return logits_partials
 
     @T.prim_func
-    def logits_partials(
+    def grad_then_logits_partials(
         student_hidden: T.Tensor((rows, d_s), bf16),
         student_head: T.Tensor((vocab, d_s), bf16),
         teacher_hidden: T.Tensor((rows, d_t), bf16),
@@ -100,101 +252,18 @@ def logits_partials_kernel(block_m: int, block_v: int, block_k: int, num_stages:
         student_rel: T.Tensor((rows, vocab_pad), f16),
         teacher_rel: T.Tensor((rows, vocab_pad), f16),
         partials: T.Tensor((n_tiles, N_PARTIALS, rows), f32),
+        prev_student_rel: T.Tensor((rows, vocab_pad), f16),
+        prev_partials: T.Tensor((n_tiles, N_PARTIALS, rows), f32),
+        prev_row_stats: T.Tensor((N_ROW_STATS, rows), f32),
+        prev_row_term: T.Tensor((rows,), f32),
+        prev_scale: f32,
+        prev_grad: T.Tensor((rows, vocab_pad), bf16),
     ):
-        # Row blocks vary fastest, so the CTAs in flight share a few head tiles through L2 and
-        # each head row is read from HBM once per chunk.
         with T.Kernel(T.ceildiv(rows, block_m), n_tiles, threads=threads) as (bm, bv):
-            # Student rows on top, teacher rows below: one buffer per operand means one barrier per
-            # pipeline stage, released only after the wait that ends both heads' MMAs.
-            hidden_tile = T.alloc_shared((2 * block_m, block_k), bf16)
-            head_tile = T.alloc_shared((2 * block_v, block_k), bf16)
-            rel_out = T.alloc_shared((block_m, block_v), f16)
-            zs = T.alloc_fragment((block_m, block_v), f32)
-            zt = T.alloc_fragment((block_m, block_v), f32)
-            work = T.alloc_fragment((block_m, block_v), f32)
-            max_s = T.alloc_fragment((block_m,), f32)
-            max_t = T.alloc_fragment((block_m,), f32)
-            sum_s = T.alloc_fragment((block_m,), f32)
-            sum_t = T.alloc_fragment((block_m,), f32)
-            centered_s = T.alloc_fragment((block_m,), f32)
-            reverse_cross = T.alloc_fragment((block_m,), f32)
-            forward_cross = T.alloc_fragment((block_m,), f32)
+            pending = (prev_student_rel, prev_partials, prev_row_stats, prev_row_term, prev_scale, prev_grad)
+            logits_tile(student_hidden, student_head, teacher_hidden, teacher_head, inv_tau, student_rel, teacher_rel, partials, bm, bv, pending)
 
-            T.clear(zs)
-            T.clear(zt)
-            # One K loop feeds both heads so TileLang warp-specialises it (a second loop would
-            # not be); with d_s != d_t the shorter operand is zero-filled by TMA past its width
-            # and its MMAs are skipped there. The student MMAs are issued without a wait and the
-            # teacher gemm's wait covers both, so the tensor cores drain once per K step instead
-            # of twice; past d_t an explicit wait takes its place, before the stage is released.
-            for k in T.Pipelined(T.ceildiv(T.max(d_s, d_t), block_k), num_stages=num_stages):
-                k0 = k * block_k
-                T.copy(student_hidden[bm * block_m : (bm + 1) * block_m, k0 : k0 + block_k], hidden_tile[0:block_m, :])
-                T.copy(teacher_hidden[bm * block_m : (bm + 1) * block_m, k0 : k0 + block_k], hidden_tile[block_m : 2 * block_m, :])
-                T.copy(student_head[bv * block_v : (bv + 1) * block_v, k0 : k0 + block_k], head_tile[0:block_v, :])
-                T.copy(teacher_head[bv * block_v : (bv + 1) * block_v, k0 : k0 + block_k], head_tile[block_v : 2 * block_v, :])
-                if k0 < d_s:
-                    T.wgmma_gemm(hidden_tile[0:block_m, :], head_tile[0:block_v, :], zs, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
-                if k0 < d_t:
-                    T.gemm(hidden_tile[block_m : 2 * block_m, :], head_tile[block_v : 2 * block_v, :], zt, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
-                else:
-                    T.wait_wgmma(0)
-
-            # The accumulators stay untempered: τ > 0 commutes with the max, and every cross sum is
-            # linear in z, so 1/τ is applied per row at the end and folded into one FFMA per
-            # element below (exp2(z·c − m·c), as flash attention does) instead of a pass of its own.
-            # Columns past V (only in the ragged last tile) become a huge finite negative logit:
-            # exp gives 0 and their z_s − z_t is 0, so no per-element mask is needed anywhere else.
-            if bv == n_tiles - 1:
-                for i, j in T.Parallel(block_m, block_v):
-                    zs[i, j] = T.if_then_else(bv * block_v + j < vocab, zs[i, j], PAD_LOGIT)
-                    zt[i, j] = T.if_then_else(bv * block_v + j < vocab, zt[i, j], PAD_LOGIT)
-            T.reduce_max(zs, max_s, dim=1)
-            T.reduce_max(zt, max_t, dim=1)
-            exp_scale = inv_tau * LOG2E
-
-            # Teacher: S_t, the fp16 relative logits, then Σ e_t (z_s − z_t) = −B·τ.
-            for i, j in T.Parallel(block_m, block_v):
-                work[i, j] = T.exp2(zt[i, j] * exp_scale - max_t[i] * exp_scale)
-            T.reduce_sum(work, sum_t, dim=1)
-            for i, j in T.Parallel(block_m, block_v):
-                rel_out[i, j] = T.max(zt[i, j] * inv_tau - max_t[i] * inv_tau, FP16_FLOOR)
-            T.copy(rel_out, teacher_rel[bm * block_m, bv * block_v])
-            for i, j in T.Parallel(block_m, block_v):  # zt now holds z_s − z_t
-                zt[i, j] = zs[i, j] - zt[i, j]
-            for i, j in T.Parallel(block_m, block_v):
-                work[i, j] = work[i, j] * zt[i, j]
-            T.reduce_sum(work, forward_cross, dim=1)
-
-            # Student: S_s, A·τ = Σ e_s (z_s − z_t), E·τ = Σ e_s (z_s − m_s), relative logits.
-            for i, j in T.Parallel(block_m, block_v):
-                work[i, j] = T.exp2(zs[i, j] * exp_scale - max_s[i] * exp_scale)
-            T.reduce_sum(work, sum_s, dim=1)
-            for i, j in T.Parallel(block_m, block_v):
-                zt[i, j] = work[i, j] * zt[i, j]
-            T.reduce_sum(zt, reverse_cross, dim=1)
-            for i, j in T.Parallel(block_m, block_v):
-                rel_out[i, j] = T.max(zs[i, j] * inv_tau - max_s[i] * inv_tau, FP16_FLOOR)
-            T.copy(rel_out, student_rel[bm * block_m, bv * block_v])
-            for i, j in T.Parallel(block_m, block_v):
-                zs[i, j] = work[i, j] * (zs[i, j] - max_s[i])
-            T.reduce_sum(zs, centered_s, dim=1)
-
-            for i in T.Parallel(block_m):  # temper the per-row results
-                max_s[i] = max_s[i] * inv_tau
-                max_t[i] = max_t[i] * inv_tau
-                centered_s[i] = centered_s[i] * inv_tau
-                reverse_cross[i] = reverse_cross[i] * inv_tau
-                forward_cross[i] = -forward_cross[i] * inv_tau
-            T.copy(max_s, partials[bv, 0, bm * block_m])
-            T.copy(sum_s, partials[bv, 1, bm * block_m])
-            T.copy(centered_s, partials[bv, 2, bm * block_m])
-            T.copy(reverse_cross, partials[bv, 3, bm * block_m])
-            T.copy(max_t, partials[bv, 4, bm * block_m])
-            T.copy(sum_t, partials[bv, 5, bm * block_m])
-            T.copy(forward_cross, partials[bv, 6, bm * block_m])
-
-    return logits_partials
+    return grad_then_logits_partials
 
 
 # Rows of the [N_ROW_STATS, R] output of `combine_partials_kernel`.
@@ -313,19 +382,68 @@ def _log_mixture(student_logp, teacher_logp, log_1m_beta: float, log_beta: float
     return hi + T.log2(1.0 + T.exp2((T.min(a, b) - hi) * LOG2E)) * LN2
 
 
+def alloc_log_prob_tile(block_m: int, block_v: int):
+    """Fragments (rel_s, rel_t, tile_ms, tile_mt, lse_s, lse_t) of one [block_m, block_v] workspace
+    tile, filled by `load_log_prob_tile`: log p = rel_s + (tile_ms − lse_s), log q = rel_t + (tile_mt − lse_t)."""
+    tiles = [T.alloc_fragment((block_m, block_v), T.float16) for _ in range(2)]
+    return (*tiles, *[T.alloc_fragment((block_m,), T.float32) for _ in range(4)])
+
+
+@T.macro
+def load_log_prob_tile(rel_s, rel_t, tile_ms, tile_mt, lse_s, lse_t, student_rel, teacher_rel, partials, row_stats, bm, bv):
+    """Fills `alloc_log_prob_tile`'s fragments for the tile (bm, bv) of the workspace."""
+    row0, col0 = bm * rel_s.shape[0], bv * rel_s.shape[1]
+    T.copy(student_rel[row0, col0], rel_s)
+    T.copy(teacher_rel[row0, col0], rel_t)
+    T.copy(partials[bv, 0, row0], tile_ms)
+    T.copy(partials[bv, 4, row0], tile_mt)
+    T.copy(row_stats[0, row0], lse_s)
+    T.copy(row_stats[1, row0], lse_t)
+
+
+def logit_grad_tile_macro(kind: str, beta: float, block_m: int, block_v: int):
+    """The gradient of one [block_m, block_v] workspace tile into the bf16 fragment `g`, shared by
+    `logit_grad_kernel` and the `pending_grad` variant of `logits_partials_kernel`.
+
+    log p = rel_s + (tile max − row LSE), from the partials and the row statistics; `row_term` is
+    KL(p‖q) (reverse) or KL(p‖m) (jsd); `scale` folds the reduction weight and 1/τ.
+    """
+    f16, f32, bf16 = T.float16, T.float32, T.bfloat16
+    log_1m_beta = math.log1p(-beta) if kind == "jsd" else 0.0
+    log_beta = math.log(beta) if kind == "jsd" else 0.0
+
+    @T.macro
+    def logit_grad_tile(student_rel, teacher_rel, partials, row_stats, row_term, scale, g, bm, bv):
+        tile = alloc_log_prob_tile(block_m, block_v)
+        load_log_prob_tile(*tile, student_rel, teacher_rel, partials, row_stats, bm, bv)
+        rel_s, rel_t, tile_ms, tile_mt, lse_s, lse_t = tile
+        term = T.alloc_fragment((block_m,), f32)
+        T.copy(row_term[bm * block_m], term)
+        for i, j in T.Parallel(block_m, block_v):
+            logp = T.cast(rel_s[i, j], f32) + (tile_ms[i] - lse_s[i])
+            logq = T.cast(rel_t[i, j], f32) + (tile_mt[i] - lse_t[i])
+            p = T.exp2(logp * LOG2E)
+            if kind == "reverse":
+                g[i, j] = T.cast(p * (logp - logq - term[i]) * scale, bf16)
+            elif kind == "forward":
+                g[i, j] = T.cast((p - T.exp2(logq * LOG2E)) * scale, bf16)
+            else:
+                log_m = _log_mixture(logp, logq, log_1m_beta, log_beta)
+                g[i, j] = T.cast((1.0 - beta) * p * (logp - log_m - term[i]) * scale, bf16)
+
+    return logit_grad_tile
+
+
 @tilelang.jit(pass_configs=PASS_CONFIGS)
 def logit_grad_kernel(kind: str, beta: float, vocab: int, vocab_pad: int, block_m: int, block_v: int, threads: int):
     """Builds the elementwise d loss / d logits kernel; writes bf16 over the student workspace.
 
-    log p = rel_s + (tile max − row LSE), from the partials and the row statistics; `row_term` is
-    KL(p‖q) (reverse) or KL(p‖m) (jsd); `scale` folds the reduction weight and 1/τ. The
-    vocabulary is static (one model, one vocabulary) so that loads and stores vectorise.
+    The vocabulary is static (one model, one vocabulary) so that loads and stores vectorise.
     """
     rows = T.dynamic("rows")
     n_tiles = -(-vocab // block_v)
     f16, f32, bf16 = T.float16, T.float32, T.bfloat16
-    log_1m_beta = math.log1p(-beta) if kind == "jsd" else 0.0
-    log_beta = math.log(beta) if kind == "jsd" else 0.0
+    logit_grad_tile = logit_grad_tile_macro(kind, beta, block_m, block_v)
 
     @T.prim_func
     def logit_grad(
@@ -338,32 +456,8 @@ def logit_grad_kernel(kind: str, beta: float, vocab: int, vocab_pad: int, block_
         grad: T.Tensor((rows, vocab_pad), bf16),
     ):
         with T.Kernel(T.ceildiv(rows, block_m), n_tiles, threads=threads) as (bm, bv):
-            rel_s = T.alloc_fragment((block_m, block_v), f16)
-            rel_t = T.alloc_fragment((block_m, block_v), f16)
             g = T.alloc_fragment((block_m, block_v), bf16)
-            tile_ms = T.alloc_fragment((block_m,), f32)
-            tile_mt = T.alloc_fragment((block_m,), f32)
-            lse_s = T.alloc_fragment((block_m,), f32)
-            lse_t = T.alloc_fragment((block_m,), f32)
-            term = T.alloc_fragment((block_m,), f32)
-            T.copy(student_rel[bm * block_m, bv * block_v], rel_s)
-            T.copy(teacher_rel[bm * block_m, bv * block_v], rel_t)
-            T.copy(partials[bv, 0, bm * block_m], tile_ms)
-            T.copy(partials[bv, 4, bm * block_m], tile_mt)
-            T.copy(row_stats[0, bm * block_m], lse_s)
-            T.copy(row_stats[1, bm * block_m], lse_t)
-            T.copy(row_term[bm * block_m], term)
-            for i, j in T.Parallel(block_m, block_v):
-                logp = T.cast(rel_s[i, j], f32) + (tile_ms[i] - lse_s[i])
-                logq = T.cast(rel_t[i, j], f32) + (tile_mt[i] - lse_t[i])
-                p = T.exp2(logp * LOG2E)
-                if kind == "reverse":
-                    g[i, j] = T.cast(p * (logp - logq - term[i]) * scale, bf16)
-                elif kind == "forward":
-                    g[i, j] = T.cast((p - T.exp2(logq * LOG2E)) * scale, bf16)
-                else:
-                    log_m = _log_mixture(logp, logq, log_1m_beta, log_beta)
-                    g[i, j] = T.cast((1.0 - beta) * p * (logp - log_m - term[i]) * scale, bf16)
+            logit_grad_tile(student_rel, teacher_rel, partials, row_stats, row_term, scale, g, bm, bv)
             T.copy(g, grad[bm * block_m, bv * block_v])
 
     return logit_grad
@@ -386,22 +480,13 @@ def jsd_partials_kernel(beta: float, vocab: int, vocab_pad: int, block_m: int, b
         out: T.Tensor((n_tiles, 2, rows), f32),
     ):
         with T.Kernel(T.ceildiv(rows, block_m), n_tiles, threads=threads) as (bm, bv):
-            rel_s = T.alloc_fragment((block_m, block_v), f16)
-            rel_t = T.alloc_fragment((block_m, block_v), f16)
+            tile = alloc_log_prob_tile(block_m, block_v)
+            load_log_prob_tile(*tile, student_rel, teacher_rel, partials, row_stats, bm, bv)
+            rel_s, rel_t, tile_ms, tile_mt, lse_s, lse_t = tile
             p_term = T.alloc_fragment((block_m, block_v), f32)
             q_term = T.alloc_fragment((block_m, block_v), f32)
-            tile_ms = T.alloc_fragment((block_m,), f32)
-            tile_mt = T.alloc_fragment((block_m,), f32)
-            lse_s = T.alloc_fragment((block_m,), f32)
-            lse_t = T.alloc_fragment((block_m,), f32)
             p_sum = T.alloc_fragment((block_m,), f32)
             q_sum = T.alloc_fragment((block_m,), f32)
-            T.copy(student_rel[bm * block_m, bv * block_v], rel_s)
-            T.copy(teacher_rel[bm * block_m, bv * block_v], rel_t)
-            T.copy(partials[bv, 0, bm * block_m], tile_ms)
-            T.copy(partials[bv, 4, bm * block_m], tile_mt)
-            T.copy(row_stats[0, bm * block_m], lse_s)
-            T.copy(row_stats[1, bm * block_m], lse_t)
             for i, j in T.Parallel(block_m, block_v):
                 logp = T.cast(rel_s[i, j], f32) + (tile_ms[i] - lse_s[i])
                 logq = T.cast(rel_t[i, j], f32) + (tile_mt[i] - lse_t[i])
@@ -491,8 +576,13 @@ def distill_kl_tilelang(
 
     logits_kernel = logits_partials_kernel(c.block_m, c.block_v, c.block_k, c.num_stages, c.threads)
     combine_kernel = combine_partials_kernel(vocab, c.block_v, c.combine_block_r, c.combine_group)
-    grad_kernel = logit_grad_kernel(kind, beta, vocab, vocab_pad, c.elementwise_block_m, c.block_v, c.threads) if (grad_hidden or grad_head) else None
+    grad_beta = beta if kind == "jsd" else 0.0  # one compiled gradient per kind outside JSD
+    grad_kernel = logit_grad_kernel(kind, grad_beta, vocab, vocab_pad, c.elementwise_block_m, c.block_v, c.threads) if (grad_hidden or grad_head) else None
     jsd_kernel = jsd_partials_kernel(beta, vocab, vocab_pad, c.elementwise_block_m, c.block_v, c.threads) if kind == "jsd" else None
+    fuse_grad = grad_kernel is not None and c.fuse_pending_grad
+
+    def grad_then_logits_kernel():  # built on first use: only chunks that share a GEMM group need it
+        return logits_partials_kernel(c.block_m, c.block_v, c.block_k, c.num_stages, c.threads, kind, grad_beta, vocab)
     n_tiles = -(-vocab // c.block_v)
 
     # Without a mask every row belongs to one teacher group and is written below; only masked rows
@@ -513,6 +603,11 @@ def distill_kl_tilelang(
     # gradient; rows [gemm_rows, gemm_rows + chunk): the current chunk's teacher logits.
     workspace = torch.empty(gemm_rows + chunk, vocab_pad, dtype=torch.float16, device=device)
     teacher_rel_buf = workspace[gemm_rows:]
+    grad_scale = row_weight * inv_tau
+
+    def write_grad(student_rel, partials, row_stats, grad_term):
+        """The chunk's gradient over its workspace rows (reads the teacher workspace)."""
+        grad_kernel(student_rel, teacher_rel_buf[: student_rel.shape[0]], partials, row_stats, grad_term, grad_scale, student_rel.view(torch.bfloat16))
 
     for teacher, group_rows in groups:
         head_t = teacher_heads[teacher]
@@ -527,6 +622,10 @@ def distill_kl_tilelang(
                 gemm_sel = group_rows[gemm_start:gemm_stop]
                 hs_gemm = student_hidden.index_select(0, gemm_sel)
                 ht_gemm = teacher_hidden.index_select(0, gemm_sel)
+            # The chunk whose gradient is not written yet: its workspace rows, partials, row
+            # statistics and per-row term. The next chunk's logits kernel writes it (same row
+            # count) before reusing the teacher workspace; otherwise its own launch does.
+            pending = None
             for offset in range(0, gemm_stop - gemm_start, chunk):
                 hs = hs_gemm[offset : offset + chunk]
                 ht = ht_gemm[offset : offset + chunk]
@@ -539,7 +638,14 @@ def distill_kl_tilelang(
                 teacher_rel = teacher_rel_buf[:r]
                 partials = torch.empty(n_tiles, N_PARTIALS, r, dtype=torch.float32, device=device)
                 row_stats = torch.empty(N_ROW_STATS, r, dtype=torch.float32, device=device)
-                logits_kernel(hs, student_head, ht, head_t, inv_tau, student_rel, teacher_rel, partials)
+                if pending is not None and fuse_grad and pending[0].shape[0] == r:
+                    prev_rel, *prev_stats = pending
+                    grad_then_logits_kernel()(hs, student_head, ht, head_t, inv_tau, student_rel, teacher_rel, partials, prev_rel, *prev_stats, grad_scale, prev_rel.view(torch.bfloat16))
+                else:
+                    if pending is not None:
+                        write_grad(*pending)
+                    logits_kernel(hs, student_head, ht, head_t, inv_tau, student_rel, teacher_rel, partials)
+                pending = None
                 combine_kernel(partials, row_stats)
                 lse_s, _, reverse_kl, forward_kl, row_entropy = row_stats
                 entropy[rows] = row_entropy
@@ -559,7 +665,9 @@ def distill_kl_tilelang(
                     row_loss, grad_term = beta * kl_q_m + (1.0 - beta) * kl_p_m, kl_p_m
                 per_token_kl[rows] = row_loss
                 if grad_kernel is not None:
-                    grad_kernel(student_rel, teacher_rel, partials, row_stats, grad_term, row_weight * inv_tau, student_rel.view(torch.bfloat16))
+                    pending = (student_rel, partials, row_stats, grad_term)
+            if pending is not None:
+                write_grad(*pending)
 
             if grad_kernel is None:
                 continue
