@@ -135,7 +135,6 @@ def breakdown(n, vocab, d):
     grad_buf = rel_s.view(torch.bfloat16)
     # The dH / dW_s GEMMs run once per `gemm_rows` rows (several chunks' gradients).
     g = torch.randn(gemm_rows, vocab, device="cuda", dtype=torch.bfloat16)
-    gemm_name = f"dH = G·W_s (cuBLAS, {gemm_rows} rows)"
     stage_fns = {
         "logits+partials kernel": lambda: logits(hs, ws, ht, wt, 1.0, rel_s, rel_t, partials),
         "combine partials kernel": lambda: combine(partials, row_stats),
@@ -144,7 +143,7 @@ def breakdown(n, vocab, d):
         "grad + next chunk's logits kernel": lambda: grad_then_logits(
             hs_next, ws, ht_next, wt, 1.0, next_rel_s, rel_t, next_partials, rel_s, partials, row_stats, row_stats[2], 1.0 / n, grad_buf
         ),
-        gemm_name: lambda: g @ ws,
+        f"dH = G·W_s (cuBLAS, {gemm_rows} rows)": lambda: g @ ws,
         f"dW_s = Gᵀ·H_s (cuBLAS, {gemm_rows} rows)": lambda: torch.mm(g.T, hs_gemm, out=d_head),
         f"dW_s += Gᵀ·H_s (addmm, {gemm_rows} rows)": lambda: d_head.addmm_(g.T, hs_gemm),
     }

@@ -583,6 +583,7 @@ def distill_kl_tilelang(
 
     def grad_then_logits_kernel():  # built on first use: only chunks that share a GEMM group need it
         return logits_partials_kernel(c.block_m, c.block_v, c.block_k, c.num_stages, c.threads, kind, grad_beta, vocab)
+
     n_tiles = -(-vocab // c.block_v)
 
     # Without a mask every row belongs to one teacher group and is written below; only masked rows
