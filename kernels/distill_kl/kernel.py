@@ -408,7 +408,7 @@ def logit_grad_tile_macro(kind: str, beta: float, block_m: int, block_v: int):
     log p = rel_s + (tile max − row LSE), from the partials and the row statistics; `row_term` is
     KL(p‖q) (reverse) or KL(p‖m) (jsd); `scale` (> 0) folds the reduction weight and 1/τ.
     """
-    f16, f32, bf16 = T.float16, T.float32, T.bfloat16
+    f32, bf16 = T.float32, T.bfloat16
     log_1m_beta = math.log1p(-beta) if kind == "jsd" else 0.0
     log_beta = math.log(beta) if kind == "jsd" else 0.0
 
