@@ -19,7 +19,7 @@ Gradient-in-forward with 4 head-sized GEMMs (spec §6 table), processed per chun
    `chunks_per_gemm` chunks: plain GEMMs that cuBLAS runs near the matrix-unit ceiling, and closer
    to it the more rows they cover (3072 rather than 2048 rows: 5-9 % less time per row);
    dW_s accumulates across groups in the head's dtype (one rounding per group, as Liger's default
-   does per chunk).
+   does per chunk). dW_s runs on a second stream beside dH (`concurrent_gemms`).
 5. In the backward, `scale_unless_one_kernel` applies the upstream gradient to the stored
    gradients on the device (nothing to do when it is 1), so neither pass syncs the host.
 
@@ -32,6 +32,8 @@ Shape legend: R rows of a chunk, V vocabulary (Vp: V rounded up to 8 for 16-byte
 Ds / Dt hidden widths, P vocabulary tiles of the kernels.
 """
 
+import contextlib
+import functools
 import math
 from dataclasses import dataclass
 
@@ -86,6 +88,10 @@ class DistillKLKernelConfig:
     """write a chunk's gradient inside the next chunk's logits kernel of the same GEMM group (the
     `pending_grad` variant) instead of in a launch of its own; the group's last chunk keeps its
     own launch, since the GEMMs need its gradient before any later logits kernel runs"""
+    concurrent_gemms: bool = True
+    """queue dW_s on a second stream beside dH, so that each GEMM's last partial wave of tiles
+    overlaps the other's work: −0.12 to −0.22 ms per GEMM group on the H200 while it has power
+    headroom, nothing once it sits at its 700 W cap; bitwise-equal results (bench/NOTES.md)"""
 
 
 @tilelang.jit(pass_configs=PASS_CONFIGS)
@@ -552,6 +558,32 @@ def scale_unless_one(values: torch.Tensor, scale: torch.Tensor) -> None:
     scale_unless_one_kernel()(values, scale.reshape(1).to(torch.float32))
 
 
+_GEMM_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def gemm_side_stream(device: torch.device) -> torch.cuda.Stream:
+    """The stream that runs dW_s beside dH (`concurrent_gemms`); one per device, made on first use."""
+    if device not in _GEMM_STREAMS:
+        _GEMM_STREAMS[device] = torch.cuda.Stream(device)
+    return _GEMM_STREAMS[device]
+
+
+@functools.cache
+def kernels_for(config: DistillKLKernelConfig, kind: str, beta: float, vocab: int, with_grad: bool):
+    """(logits, combine, gradient or None, JSD partials or None, grad-then-logits factory) of one
+    call's setting: one lookup per call instead of one per `tilelang.jit` factory. The
+    `pending_grad` logits kernel is built on first use: only chunks that share a GEMM group need it."""
+    c = config
+    vocab_pad = -(-vocab // 8) * 8
+    logits = logits_partials_kernel(c.block_m, c.block_v, c.block_k, c.num_stages, c.threads)
+    combine = combine_partials_kernel(vocab, c.block_v, c.combine_block_r, c.combine_group)
+    grad_beta = beta if kind == "jsd" else 0.0  # one compiled gradient per kind outside JSD
+    grad = logit_grad_kernel(kind, grad_beta, vocab, vocab_pad, c.elementwise_block_m, c.block_v, c.threads) if with_grad else None
+    jsd = jsd_partials_kernel(beta, vocab, vocab_pad, c.elementwise_block_m, c.block_v, c.threads) if kind == "jsd" else None
+    grad_then_logits = functools.partial(logits_partials_kernel, c.block_m, c.block_v, c.block_k, c.num_stages, c.threads, kind, grad_beta, vocab)
+    return logits, combine, grad, jsd, grad_then_logits
+
+
 def chunk_rows_for(vocab_pad: int, config: DistillKLKernelConfig, n_rows: int) -> tuple[int, int]:
     """(rows per logits chunk, rows per gradient GEMM) for `n_rows` rows, so that the fp16
     [gemm + chunk, Vp] workspace fits `workspace_bytes`; multiples of block_m."""
@@ -589,29 +621,27 @@ def distill_kl_tilelang(
     inv_tau = 1.0 / temperature
     c = config
 
-    logits_kernel = logits_partials_kernel(c.block_m, c.block_v, c.block_k, c.num_stages, c.threads)
-    combine_kernel = combine_partials_kernel(vocab, c.block_v, c.combine_block_r, c.combine_group)
-    grad_beta = beta if kind == "jsd" else 0.0  # one compiled gradient per kind outside JSD
-    grad_kernel = logit_grad_kernel(kind, grad_beta, vocab, vocab_pad, c.elementwise_block_m, c.block_v, c.threads) if (grad_hidden or grad_head) else None
-    jsd_kernel = jsd_partials_kernel(beta, vocab, vocab_pad, c.elementwise_block_m, c.block_v, c.threads) if kind == "jsd" else None
+    logits_kernel, combine_kernel, grad_kernel, jsd_kernel, grad_then_logits_kernel = kernels_for(c, kind, beta, vocab, grad_hidden or grad_head)
     fuse_grad = grad_kernel is not None and c.fuse_pending_grad
-
-    def grad_then_logits_kernel():  # built on first use: only chunks that share a GEMM group need it
-        return logits_partials_kernel(c.block_m, c.block_v, c.block_k, c.num_stages, c.threads, kind, grad_beta, vocab)
 
     n_tiles = -(-vocab // c.block_v)
 
-    # Without a mask every row belongs to one teacher group and is written below; only masked rows
-    # need the zeros (and each fill is a launch the GPU would wait for before the first kernel).
+    # The first logits kernel is queued after as few host calls as possible (this host time is GPU
+    # idle time when the GPU waits for the step): outputs that no kernel before the GEMMs writes
+    # are allocated later. One teacher without a mask gives its rows chunk by chunk in order, so
+    # the per-row outputs are concatenated at the end; grouped or masked rows are scattered into
+    # outputs allocated here (zeros where a mask leaves rows unwritten).
+    groups = teacher_row_groups(teacher_ids, mask, n_rows, device)
+    in_order = all(rows is None for _, rows in groups)
     rows_fill = torch.empty if mask is None else torch.zeros
-    per_token_kl = rows_fill(n_rows, dtype=torch.float32, device=device)
-    entropy = rows_fill(n_rows, dtype=torch.float32, device=device)
-    target_logprob = None if target_ids is None else rows_fill(n_rows, dtype=torch.float32, device=device)
-    d_hidden = rows_fill(student_hidden.shape, dtype=student_hidden.dtype, device=device) if grad_hidden else None
-    d_head = torch.empty_like(student_head) if grad_head else None
+    chunk_kl, chunk_entropy, chunk_target = [], [], []
+    if not in_order:
+        per_token_kl = rows_fill(n_rows, dtype=torch.float32, device=device)
+        entropy = rows_fill(n_rows, dtype=torch.float32, device=device)
+        target_logprob = None if target_ids is None else rows_fill(n_rows, dtype=torch.float32, device=device)
+    d_hidden = d_head = None
     head_written = False
 
-    groups = teacher_row_groups(teacher_ids, mask, n_rows, device)
     n_valid = sum(n_rows if rows is None else rows.numel() for _, rows in groups)
     row_weight = 1.0 / max(n_valid, 1) if reduction == "mean" else 1.0
     chunk, gemm_rows = chunk_rows_for(vocab_pad, c, n_valid)
@@ -632,24 +662,20 @@ def distill_kl_tilelang(
             gemm_stop = min(gemm_start + gemm_rows, n_group)
             if group_rows is None:  # every row, in order: contiguous slices, no gather or scatter
                 gemm_sel = slice(gemm_start, gemm_stop)
-                hs_gemm = student_hidden[gemm_sel]
-                ht_gemm = teacher_hidden[gemm_sel]
+                hs_rows, ht_rows, first_row = student_hidden, teacher_hidden, gemm_start
             else:
                 gemm_sel = group_rows[gemm_start:gemm_stop]
-                hs_gemm = student_hidden.index_select(0, gemm_sel)
-                ht_gemm = teacher_hidden.index_select(0, gemm_sel)
+                hs_rows = student_hidden.index_select(0, gemm_sel)
+                ht_rows = teacher_hidden.index_select(0, gemm_sel)
+                first_row = 0
             # The chunk whose gradient is not written yet: its workspace rows, partials, row
             # statistics and per-row term. The next chunk's logits kernel writes it (same row
             # count) before reusing the teacher workspace; otherwise its own launch does.
             pending = None
             for offset in range(0, gemm_stop - gemm_start, chunk):
-                hs = hs_gemm[offset : offset + chunk]
-                ht = ht_gemm[offset : offset + chunk]
-                r = hs.shape[0]
-                if group_rows is None:
-                    rows = slice(gemm_start + offset, gemm_start + offset + r)
-                else:
-                    rows = gemm_sel[offset : offset + r]
+                r = min(chunk, gemm_stop - gemm_start - offset)
+                hs = hs_rows[first_row + offset : first_row + offset + r]
+                ht = ht_rows[first_row + offset : first_row + offset + r]
                 student_rel = workspace[offset : offset + r]
                 teacher_rel = teacher_rel_buf[:r]
                 partials = torch.empty(n_tiles, N_PARTIALS, r, dtype=torch.float32, device=device)
@@ -663,12 +689,13 @@ def distill_kl_tilelang(
                     logits_kernel(hs, student_head, ht, head_t, inv_tau, student_rel, teacher_rel, partials)
                 pending = None
                 combine_kernel(partials, row_stats)
+                rows = slice(gemm_start + offset, gemm_start + offset + r) if group_rows is None else gemm_sel[offset : offset + r]
                 lse_s, _, reverse_kl, forward_kl, row_entropy = row_stats
-                entropy[rows] = row_entropy
+                target_lp = None
                 if target_ids is not None:
                     target_rows = student_head.index_select(0, target_ids[rows])
                     target_logits = torch.linalg.vecdot(hs.float(), target_rows.float()) * inv_tau
-                    target_logprob[rows] = target_logits - lse_s
+                    target_lp = target_logits - lse_s
 
                 if kind == "reverse":
                     row_loss = grad_term = reverse_kl
@@ -679,7 +706,15 @@ def distill_kl_tilelang(
                     jsd_kernel(student_rel, teacher_rel, partials, row_stats, jsd_sums)
                     kl_p_m, kl_q_m = jsd_sums.sum(0)
                     row_loss, grad_term = beta * kl_q_m + (1.0 - beta) * kl_p_m, kl_p_m
-                per_token_kl[rows] = row_loss
+                if in_order:
+                    chunk_kl.append(row_loss)
+                    chunk_entropy.append(row_entropy)
+                    chunk_target.append(target_lp)
+                else:
+                    per_token_kl[rows] = row_loss
+                    entropy[rows] = row_entropy
+                    if target_lp is not None:
+                        target_logprob[rows] = target_lp
                 if grad_kernel is not None:
                     pending = (student_rel, partials, row_stats, grad_term)
             if pending is not None:
@@ -688,19 +723,42 @@ def distill_kl_tilelang(
             if grad_kernel is None:
                 continue
             grad_logits = workspace[: gemm_stop - gemm_start].view(torch.bfloat16)[:, :vocab]
-            if grad_head:
-                if head_written:
-                    d_head.addmm_(grad_logits.T, hs_gemm)
-                else:
-                    torch.mm(grad_logits.T, hs_gemm, out=d_head)
-                    head_written = True
+            hs_gemm = hs_rows[gemm_sel] if group_rows is None else hs_rows
+            if grad_hidden and d_hidden is None:
+                d_hidden = rows_fill(student_hidden.shape, dtype=student_hidden.dtype, device=device)
+            if grad_head and d_head is None:
+                d_head = torch.empty_like(student_head)
+            # Both GEMMs read the group's gradients, which the next logits kernel overwrites: with
+            # a side stream, it joins the main one before anything else is queued.
+            side = gemm_side_stream(device) if grad_head and grad_hidden and c.concurrent_gemms else None
+            if side is not None:
+                main = torch.cuda.current_stream(device)
+                side.wait_stream(main)
             if grad_hidden:
                 if group_rows is None:
                     torch.mm(grad_logits, student_head, out=d_hidden[gemm_sel])
                 else:
                     d_hidden.index_copy_(0, gemm_sel, grad_logits @ student_head)
+            if grad_head:
+                with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+                    if head_written:
+                        d_head.addmm_(grad_logits.T, hs_gemm)
+                    else:
+                        torch.mm(grad_logits.T, hs_gemm, out=d_head)
+                head_written = True
+            if side is not None:
+                main.wait_stream(side)
 
+    if grad_hidden and d_hidden is None:  # no row counted
+        d_hidden = torch.zeros_like(student_hidden)
     if grad_head and not head_written:
-        d_head.zero_()
+        d_head = torch.zeros_like(student_head)
+    if in_order:
+
+        def joined(chunks):  # no chunks only when there are no rows
+            return torch.cat(chunks) if chunks else torch.zeros(n_rows, dtype=torch.float32, device=device)
+
+        per_token_kl, entropy = joined(chunk_kl), joined(chunk_entropy)
+        target_logprob = None if target_ids is None else joined(chunk_target)
     loss = per_token_kl.sum() * row_weight
     return DistillKLResult(loss, per_token_kl, target_logprob, entropy, d_hidden, d_head)

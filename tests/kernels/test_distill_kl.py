@@ -476,6 +476,26 @@ def test_gpu_pending_gradient_inside_next_logits_kernel_equals_own_launch(kind, 
 
 
 @gpu
+@pytest.mark.parametrize("n_teachers,masked", [(1, False), (2, True)])
+def test_gpu_concurrent_gradient_gemms_equal_sequential(n_teachers, masked):
+    """`concurrent_gemms`: dW_s on a second stream beside dH gives the same bits as one stream, over
+    several GEMM groups (dW_s accumulating), for contiguous and for gathered rows."""
+    from dataclasses import replace
+
+    from kernels.distill_kl.kernel import DistillKLKernelConfig
+
+    vocab = 5000
+    concurrent = DistillKLKernelConfig(workspace_bytes=512 * 2 * vocab)
+    assert concurrent.concurrent_gemms
+    hs, ws, ht, wt, ids, targets = make_inputs(1000, vocab, 256, 128, n_teachers=n_teachers, dtype=torch.bfloat16, device="cuda")
+    mask = (torch.arange(1000, device="cuda") % 5 != 3) if masked else None
+    out, gh, gw = run_ours(hs, ws, ht, wt, ids, "reverse", 0.5, impl="tilelang", config=concurrent, mask=mask)
+    one, gh_one, gw_one = run_ours(hs, ws, ht, wt, ids, "reverse", 0.5, impl="tilelang", config=replace(concurrent, concurrent_gemms=False), mask=mask)
+    assert torch.equal(out.per_token_kl, one.per_token_kl) and torch.equal(out.entropy, one.entropy)
+    assert torch.equal(gh, gh_one) and torch.equal(gw, gw_one)
+
+
+@gpu
 def test_gpu_forward_and_backward_never_sync_the_host():
     """The TileLang path queues its whole step without a device sync, the upstream-gradient scale
     included (`scale_unless_one` reads it on the device), so the host can run ahead."""
