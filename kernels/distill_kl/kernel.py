@@ -639,8 +639,7 @@ def distill_kl_tilelang(
         per_token_kl = rows_fill(n_rows, dtype=torch.float32, device=device)
         entropy = rows_fill(n_rows, dtype=torch.float32, device=device)
         target_logprob = None if target_ids is None else rows_fill(n_rows, dtype=torch.float32, device=device)
-    d_hidden = d_head = None
-    head_written = False
+    d_hidden = d_head = None  # allocated at the first GEMM group; zeros at the end if there is none
 
     n_valid = sum(n_rows if rows is None else rows.numel() for _, rows in groups)
     row_weight = 1.0 / max(n_valid, 1) if reduction == "mean" else 1.0
@@ -723,10 +722,10 @@ def distill_kl_tilelang(
             if grad_kernel is None:
                 continue
             grad_logits = workspace[: gemm_stop - gemm_start].view(torch.bfloat16)[:, :vocab]
-            hs_gemm = hs_rows[gemm_sel] if group_rows is None else hs_rows
             if grad_hidden and d_hidden is None:
                 d_hidden = rows_fill(student_hidden.shape, dtype=student_hidden.dtype, device=device)
-            if grad_head and d_head is None:
+            first_head_group = grad_head and d_head is None
+            if first_head_group:
                 d_head = torch.empty_like(student_head)
             # Both GEMMs read the group's gradients, which the next logits kernel overwrites: with
             # a side stream, it joins the main one before anything else is queued.
@@ -740,18 +739,18 @@ def distill_kl_tilelang(
                 else:
                     d_hidden.index_copy_(0, gemm_sel, grad_logits @ student_head)
             if grad_head:
+                hs_gemm = hs_rows[gemm_sel] if group_rows is None else hs_rows
                 with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-                    if head_written:
-                        d_head.addmm_(grad_logits.T, hs_gemm)
-                    else:
+                    if first_head_group:
                         torch.mm(grad_logits.T, hs_gemm, out=d_head)
-                head_written = True
+                    else:
+                        d_head.addmm_(grad_logits.T, hs_gemm)
             if side is not None:
                 main.wait_stream(side)
 
     if grad_hidden and d_hidden is None:  # no row counted
         d_hidden = torch.zeros_like(student_hidden)
-    if grad_head and not head_written:
+    if grad_head and d_head is None:
         d_head = torch.zeros_like(student_head)
     if in_order:
 
