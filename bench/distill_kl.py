@@ -121,10 +121,10 @@ def breakdown(n, vocab, d):
     hs_gemm, ws = hs.detach()[:gemm_rows], ws.detach()
     hs, ht, ht_gemm_rows = hs_gemm[:rows], ht[:rows], ht[:gemm_rows]
     n_tiles = -(-vocab // c.block_v)
-    logits = K.logits_partials_kernel(c.block_m, c.block_v, c.block_k, c.num_stages, c.threads)
-    combine = K.combine_partials_kernel(vocab, c.block_v, c.combine_block_r, c.combine_group)
+    logits = K.logits_partials_kernel(c.block_m, c.block_v, c.block_k, c.num_stages, c.threads, "reverse")
+    combine = K.combine_partials_kernel("reverse", vocab, c.block_v, c.combine_block_r, c.combine_group)
     grad = K.logit_grad_kernel("reverse", 0.0, vocab, vocab_pad, c.elementwise_block_m, c.block_v, c.threads)
-    grad_then_logits = K.logits_partials_kernel(c.block_m, c.block_v, c.block_k, c.num_stages, c.threads, "reverse", 0.0, vocab)
+    grad_then_logits = K.logits_partials_kernel(c.block_m, c.block_v, c.block_k, c.num_stages, c.threads, "reverse", True, 0.0, vocab)
     rel_s = torch.empty(rows, vocab_pad, device="cuda", dtype=torch.float16)
     rel_t = torch.empty_like(rel_s)
     partials = torch.empty(n_tiles, K.N_PARTIALS, rows, device="cuda")

@@ -62,6 +62,11 @@ class _DistillKLFunction(torch.autograd.Function):
         return grad_hidden, grad_head, None, None
 
 
+def _contiguous(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    """The tensor itself when already contiguous (no dispatcher call), else a dense copy."""
+    return tensor if tensor is None or tensor.is_contiguous() else tensor.contiguous()
+
+
 def _check_inputs(student_hidden, student_head, teacher_hidden, teacher_heads, teacher_ids, target_ids, mask, kind, temperature, reduction, impl):
     if kind not in KINDS:
         raise ValueError(f"kind={kind!r} is not one of {KINDS}")
@@ -150,22 +155,6 @@ def distill_kl(
     grad_enabled = torch.is_grad_enabled()
     grad_hidden = grad_enabled and student_hidden.requires_grad
     grad_head = grad_enabled and student_head.requires_grad
-    arguments = dict(
-        student_hidden=student_hidden.detach(),
-        student_head=student_head.detach(),
-        teacher_hidden=teacher_hidden.detach(),
-        teacher_heads=teacher_heads.detach(),
-        teacher_ids=teacher_ids,
-        target_ids=target_ids,
-        mask=mask,
-        kind=kind,
-        beta=beta,
-        temperature=temperature,
-        reduction=reduction,
-        grad_hidden=grad_hidden,
-        grad_head=grad_head,
-    )
-
     use_kernel = impl == "tilelang" and student_hidden.is_cuda
     if use_kernel:
         if student_hidden.dtype != torch.bfloat16 or teacher_hidden.dtype != torch.bfloat16:
@@ -177,12 +166,27 @@ def distill_kl(
             from . import kernel
         except ImportError as error:
             raise RuntimeError("impl='tilelang' needs tilelang==0.1.15 (pip install tilelang==0.1.15)") from error
-        arguments = {name: value.contiguous() if isinstance(value, torch.Tensor) else value for name, value in arguments.items()}
-        if config is not None:
-            arguments["config"] = config
-        result: DistillKLResult = kernel.distill_kl_tilelang(**arguments)
+        backend, options = kernel.distill_kl_tilelang, ({} if config is None else {"config": config})
     else:
-        result = distill_kl_reference(**arguments)
+        backend, options = distill_kl_reference, {}
+    # The gradients are computed inside (spec §6), so no autograd graph is recorded there.
+    with torch.no_grad():
+        result: DistillKLResult = backend(
+            _contiguous(student_hidden),
+            _contiguous(student_head),
+            _contiguous(teacher_hidden),
+            _contiguous(teacher_heads),
+            _contiguous(teacher_ids),
+            _contiguous(target_ids),
+            _contiguous(mask),
+            kind,
+            beta,
+            temperature,
+            reduction,
+            grad_hidden,
+            grad_head,
+            **options,
+        )
 
     if grad_hidden or grad_head:
         # Autograd records its node after the kernels are queued, so that its host time overlaps

@@ -5,10 +5,10 @@ Gradient-in-forward with 4 head-sized GEMMs (spec §6 table), processed per chun
 1. `logits_partials_kernel` (TileLang, one CTA per 128×128 tile of the chunk's [R, V] logits):
    both logit tiles `H_s·W_sᵀ` and `H_t·W_tᵀ` are accumulated in registers over the hidden
    dimension (TMA + WGMMA pipeline, warp-specialised by TileLang) and reduced to the tempered
-   per-tile partials of `ref.PARTIAL_CHANNELS` from the fp32 accumulators. The epilogue also writes
-   the tile's logits *relative to their tile max* as fp16 ([R, V] workspace): near the max fp16
-   keeps 11 bits where raw bf16 logits keep 8, so the gradient sees logits 8× more precise than a
-   bf16 logits tensor would give.
+   per-tile partials of `ref.PARTIAL_CHANNELS` (of the two cross sums, only the one its kind
+   needs) from the fp32 accumulators. The epilogue also writes the tile's logits *relative to
+   their tile max* as fp16 ([R, V] workspace): near the max fp16 keeps 11 bits where raw bf16
+   logits keep 8, so the gradient sees logits 8× more precise than a bf16 logits tensor would give.
 2. `combine_partials_kernel` (TileLang) merges the partials with the flash-decoding combine (the
    twin of `ref.merge_vocab_partials`) into per-row log-sum-exps, KL and entropy. For JSD,
    `jsd_partials_kernel` adds the pass that needs both normalised distributions.
@@ -41,7 +41,7 @@ import tilelang
 import tilelang.language as T
 import torch
 
-from .ref import N_PARTIALS, DistillKLResult, resolve_kind, teacher_row_groups
+from .ref import N_PARTIALS, PARTIAL_CHANNELS, DistillKLResult, resolve_kind, teacher_row_groups
 
 LOG2E = 1.4426950408889634  # exp(x) = exp2(x·log2 e)
 LN2 = 0.6931471805599453
@@ -52,6 +52,8 @@ FP16_FLOOR = -60000.0
 # any real logit, so exp underflows to 0 (even times a large 1/τ, where it reaches -inf).
 PAD_LOGIT = -1e30
 PASS_CONFIGS = {tilelang.PassConfigKey.TL_ENABLE_FAST_MATH: True}
+# The one cross-sum channel of the partials each kind's loss needs; JSD sums its own terms.
+CROSS_CHANNEL = {"reverse": PARTIAL_CHANNELS.index("reverse_cross"), "forward": PARTIAL_CHANNELS.index("forward_cross"), "jsd": None}
 
 
 @dataclass(frozen=True)
@@ -101,13 +103,19 @@ def logits_partials_kernel(
     block_k: int,
     num_stages: int,
     threads: int,
-    pending_grad: str | None = None,
+    kind: str,
+    pending_grad: bool = False,
     beta: float = 0.0,
     vocab_static: int | None = None,
 ):
-    """Builds the fused two-head logits + partials kernel.
+    """Builds the fused two-head logits + partials kernel for one divergence `kind`.
 
-    Every tensor dimension is dynamic unless `pending_grad` is a divergence kind: then each CTA
+    The epilogue sums only the cross term its kind needs: `reverse_cross` for "reverse",
+    `forward_cross` for "forward", neither for "jsd" (`jsd_partials_kernel` has its own pass); the
+    other partial channels are left unwritten, and `combine_partials_kernel` of the same kind
+    never reads them.
+
+    Every tensor dimension is dynamic unless `pending_grad`: then each CTA
     first turns the *previous* chunk's workspace tile at its own coordinates into the bf16
     gradient (`logit_grad_kernel`'s work, for a chunk of the same row count), and only then
     overwrites the shared teacher workspace tile with this chunk's logits, so the one teacher
@@ -116,17 +124,19 @@ def logits_partials_kernel(
     own (a third of the 0.22 ms that launch takes per 1024-row chunk is saved: bench/NOTES.md).
     The vocabulary is then static (`vocab_static`), so that those loads vectorise.
     """
-    if pending_grad is None:
+    if kind not in CROSS_CHANNEL:
+        raise ValueError(f"logits_partials_kernel: kind={kind!r} is not one of {tuple(CROSS_CHANNEL)}")
+    if not pending_grad:
         rows, vocab, vocab_pad, d_s, d_t = T.dynamic("rows, vocab, vocab_pad, d_s, d_t")
     else:
         if vocab_static is None:
-            raise ValueError("logits_partials_kernel(pending_grad=...) needs vocab_static (the vocabulary size)")
+            raise ValueError("logits_partials_kernel(pending_grad=True) needs vocab_static (the vocabulary size)")
         rows, d_s, d_t = T.dynamic("rows, d_s, d_t")
         vocab, vocab_pad = vocab_static, -(-vocab_static // 8) * 8
     n_tiles = T.ceildiv(vocab, block_v)
     bf16, f16, f32 = T.bfloat16, T.float16, T.float32
-    if pending_grad is not None:
-        logit_grad_tile = logit_grad_tile_macro(pending_grad, beta, block_m, block_v)
+    if pending_grad:
+        logit_grad_tile = logit_grad_tile_macro(kind, beta, block_m, block_v)
 
     @T.macro
     def logits_tile(student_hidden, student_head, teacher_hidden, teacher_head, inv_tau, student_rel, teacher_rel, partials, bm, bv, pending):
@@ -143,33 +153,39 @@ def logits_partials_kernel(
         sum_s = T.alloc_fragment((block_m,), f32)
         sum_t = T.alloc_fragment((block_m,), f32)
         centered_s = T.alloc_fragment((block_m,), f32)
-        reverse_cross = T.alloc_fragment((block_m,), f32)
-        forward_cross = T.alloc_fragment((block_m,), f32)
+        cross = T.alloc_fragment((block_m,), f32)
 
-        if pending_grad is not None:
+        if pending_grad:
             prev_student_rel, prev_partials, prev_row_stats, prev_row_term, prev_scale, prev_grad = pending
             pending_g = T.alloc_fragment((block_m, block_v), bf16)
             logit_grad_tile(prev_student_rel, teacher_rel, prev_partials, prev_row_stats, prev_row_term, prev_scale, pending_g, bm, bv)
         T.clear(zs)
         T.clear(zt)
         # One K loop feeds both heads so TileLang warp-specialises it (a second loop would
-        # not be); with d_s != d_t the shorter operand is zero-filled by TMA past its width
-        # and its MMAs are skipped there. The student MMAs are issued without a wait and the
-        # teacher gemm's wait covers both, so the tensor cores drain once per K step instead
-        # of twice; past d_t an explicit wait takes its place, before the stage is released.
+        # not be). With d_s != d_t, past the shorter width its copies re-read its last K slice
+        # (an L2 hit) and its MMAs are skipped: TMA boxes wholly past a tensor's end come back
+        # zero-filled, but slowly, which made those steps 1.5x as slow as full ones (the logits
+        # kernel at d_t = 7168 went from 7.95 to 5.56 ms: bench/NOTES.md). The student MMAs are
+        # issued without a wait and the teacher gemm's wait covers both, so the tensor cores
+        # drain once per K step instead of twice; past d_t an explicit wait takes its place,
+        # before the stage is released.
+        last_k_s = (T.ceildiv(d_s, block_k) - 1) * block_k
+        last_k_t = (T.ceildiv(d_t, block_k) - 1) * block_k
         for k in T.Pipelined(T.ceildiv(T.max(d_s, d_t), block_k), num_stages=num_stages):
             k0 = k * block_k
-            T.copy(student_hidden[bm * block_m : (bm + 1) * block_m, k0 : k0 + block_k], hidden_tile[0:block_m, :])
-            T.copy(teacher_hidden[bm * block_m : (bm + 1) * block_m, k0 : k0 + block_k], hidden_tile[block_m : 2 * block_m, :])
-            T.copy(student_head[bv * block_v : (bv + 1) * block_v, k0 : k0 + block_k], head_tile[0:block_v, :])
-            T.copy(teacher_head[bv * block_v : (bv + 1) * block_v, k0 : k0 + block_k], head_tile[block_v : 2 * block_v, :])
+            ks = T.min(k0, last_k_s)
+            kt = T.min(k0, last_k_t)
+            T.copy(student_hidden[bm * block_m : (bm + 1) * block_m, ks : ks + block_k], hidden_tile[0:block_m, :])
+            T.copy(teacher_hidden[bm * block_m : (bm + 1) * block_m, kt : kt + block_k], hidden_tile[block_m : 2 * block_m, :])
+            T.copy(student_head[bv * block_v : (bv + 1) * block_v, ks : ks + block_k], head_tile[0:block_v, :])
+            T.copy(teacher_head[bv * block_v : (bv + 1) * block_v, kt : kt + block_k], head_tile[block_v : 2 * block_v, :])
             if k0 < d_s:
                 T.wgmma_gemm(hidden_tile[0:block_m, :], head_tile[0:block_v, :], zs, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
             if k0 < d_t:
                 T.gemm(hidden_tile[block_m : 2 * block_m, :], head_tile[block_v : 2 * block_v, :], zt, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
             else:
                 T.wait_wgmma(0)
-        if pending_grad is not None:
+        if pending_grad:
             # Stored after the loop: TileLang keeps a pre-loop statement on the consumer warpgroups
             # only when something after the loop reads what it defines.
             T.copy(pending_g, prev_grad[bm * block_m, bv * block_v])
@@ -186,27 +202,28 @@ def logits_partials_kernel(
         T.reduce_max(zs, max_s, dim=1)
         T.reduce_max(zt, max_t, dim=1)
         exp_scale = inv_tau * LOG2E
+        cross_sign = -1.0 if kind == "forward" else 1.0  # B is summed as Σ e_t (z_s − z_t) = −B·τ
 
-        # Teacher: S_t, the fp16 relative logits, then Σ e_t (z_s − z_t) = −B·τ.
+        # Teacher: S_t, the fp16 relative logits, and for "forward" Σ e_t (z_s − z_t) = −B·τ.
         for i, j in T.Parallel(block_m, block_v):
             work[i, j] = T.exp2(zt[i, j] * exp_scale - max_t[i] * exp_scale)
         T.reduce_sum(work, sum_t, dim=1)
         for i, j in T.Parallel(block_m, block_v):
             rel_out[i, j] = T.max(zt[i, j] * inv_tau - max_t[i] * inv_tau, FP16_FLOOR)
         T.copy(rel_out, teacher_rel[bm * block_m, bv * block_v])
-        for i, j in T.Parallel(block_m, block_v):  # zt now holds z_s − z_t
-            zt[i, j] = zs[i, j] - zt[i, j]
-        for i, j in T.Parallel(block_m, block_v):
-            work[i, j] = work[i, j] * zt[i, j]
-        T.reduce_sum(work, forward_cross, dim=1)
+        if kind == "forward":
+            for i, j in T.Parallel(block_m, block_v):
+                work[i, j] = work[i, j] * (zs[i, j] - zt[i, j])
+            T.reduce_sum(work, cross, dim=1)
 
-        # Student: S_s, A·τ = Σ e_s (z_s − z_t), E·τ = Σ e_s (z_s − m_s), relative logits.
+        # Student: S_s, for "reverse" A·τ = Σ e_s (z_s − z_t), E·τ = Σ e_s (z_s − m_s), relative logits.
         for i, j in T.Parallel(block_m, block_v):
             work[i, j] = T.exp2(zs[i, j] * exp_scale - max_s[i] * exp_scale)
         T.reduce_sum(work, sum_s, dim=1)
-        for i, j in T.Parallel(block_m, block_v):
-            zt[i, j] = work[i, j] * zt[i, j]
-        T.reduce_sum(zt, reverse_cross, dim=1)
+        if kind == "reverse":
+            for i, j in T.Parallel(block_m, block_v):
+                zt[i, j] = work[i, j] * (zs[i, j] - zt[i, j])
+            T.reduce_sum(zt, cross, dim=1)
         for i, j in T.Parallel(block_m, block_v):
             rel_out[i, j] = T.max(zs[i, j] * inv_tau - max_s[i] * inv_tau, FP16_FLOOR)
         T.copy(rel_out, student_rel[bm * block_m, bv * block_v])
@@ -218,17 +235,17 @@ def logits_partials_kernel(
             max_s[i] = max_s[i] * inv_tau
             max_t[i] = max_t[i] * inv_tau
             centered_s[i] = centered_s[i] * inv_tau
-            reverse_cross[i] = reverse_cross[i] * inv_tau
-            forward_cross[i] = -forward_cross[i] * inv_tau
+            if kind != "jsd":
+                cross[i] = cross[i] * inv_tau * cross_sign
         T.copy(max_s, partials[bv, 0, bm * block_m])
         T.copy(sum_s, partials[bv, 1, bm * block_m])
         T.copy(centered_s, partials[bv, 2, bm * block_m])
-        T.copy(reverse_cross, partials[bv, 3, bm * block_m])
         T.copy(max_t, partials[bv, 4, bm * block_m])
         T.copy(sum_t, partials[bv, 5, bm * block_m])
-        T.copy(forward_cross, partials[bv, 6, bm * block_m])
+        if kind != "jsd":
+            T.copy(cross, partials[bv, CROSS_CHANNEL[kind], bm * block_m])
 
-    if pending_grad is None:
+    if not pending_grad:
 
         @T.prim_func
         def logits_partials(
@@ -272,20 +289,25 @@ def logits_partials_kernel(
     return grad_then_logits_partials
 
 
-# Rows of the [N_ROW_STATS, R] output of `combine_partials_kernel`.
-ROW_STATS = ("student_lse", "teacher_lse", "reverse_kl", "forward_kl", "student_entropy")
+# Rows of the [N_ROW_STATS, R] output of `combine_partials_kernel`: "kl" is the kind's KL,
+# KL(p‖q) for "reverse" and KL(q‖p) for "forward"; unwritten for "jsd" (its terms have a pass of their own).
+ROW_STATS = ("student_lse", "teacher_lse", "kl", "student_entropy")
 N_ROW_STATS = len(ROW_STATS)
 
 
 @tilelang.jit(pass_configs=PASS_CONFIGS)
-def combine_partials_kernel(vocab: int, block_v: int, block_r: int = 32, group: int = 32, threads: int = 256):
+def combine_partials_kernel(kind: str, vocab: int, block_v: int, block_r: int = 32, group: int = 32, threads: int = 256):
     """Builds the flash-decoding combine of the per-tile partials into per-row statistics.
 
     The TileLang twin of `ref.merge_vocab_partials` (same formulas, fixed summation order, so it is
-    deterministic): a first pass over the tiles takes the row maxima, a second rescales and sums.
-    Each CTA owns `block_r` rows and walks the tiles `group` at a time; partial maxima and sums stay
-    elementwise in registers until one cross-thread reduction at the end of each pass.
+    deterministic), for the channels `logits_partials_kernel` of the same `kind` writes: a first
+    pass over the tiles takes the row maxima, a second rescales and sums. Each CTA owns `block_r`
+    rows and walks the tiles `group` at a time; partial maxima and sums stay elementwise in
+    registers until one cross-thread reduction at the end of each pass.
     """
+    if kind not in CROSS_CHANNEL:
+        raise ValueError(f"combine_partials_kernel: kind={kind!r} is not one of {tuple(CROSS_CHANNEL)}")
+    cross_channel = CROSS_CHANNEL[kind]
     rows = T.dynamic("rows")
     n_tiles = -(-vocab // block_v)
     n_groups = -(-n_tiles // group)
@@ -302,21 +324,18 @@ def combine_partials_kernel(vocab: int, block_v: int, block_r: int = 32, group: 
             mt = T.alloc_fragment((group, block_r), f32)
             ss = T.alloc_fragment((group, block_r), f32)
             es = T.alloc_fragment((group, block_r), f32)
-            a = T.alloc_fragment((group, block_r), f32)
             st = T.alloc_fragment((group, block_r), f32)
-            b = T.alloc_fragment((group, block_r), f32)
+            cross = T.alloc_fragment((group, block_r), f32)
             acc_ss = T.alloc_fragment((group, block_r), f32)
             acc_es = T.alloc_fragment((group, block_r), f32)
-            acc_a = T.alloc_fragment((group, block_r), f32)
             acc_st = T.alloc_fragment((group, block_r), f32)
-            acc_b = T.alloc_fragment((group, block_r), f32)
+            acc_cross = T.alloc_fragment((group, block_r), f32)
             row_ms = T.alloc_fragment((block_r,), f32)
             row_mt = T.alloc_fragment((block_r,), f32)
             sum_ss = T.alloc_fragment((block_r,), f32)
             sum_es = T.alloc_fragment((block_r,), f32)
-            sum_a = T.alloc_fragment((block_r,), f32)
             sum_st = T.alloc_fragment((block_r,), f32)
-            sum_b = T.alloc_fragment((block_r,), f32)
+            sum_cross = T.alloc_fragment((block_r,), f32)
             out = T.alloc_fragment((block_r,), f32)
 
             # Pass 1: elementwise running maxima over the groups, one cross-thread reduce at the end.
@@ -333,31 +352,33 @@ def combine_partials_kernel(vocab: int, block_v: int, block_r: int = 32, group: 
 
             T.clear(acc_ss)
             T.clear(acc_es)
-            T.clear(acc_a)
             T.clear(acc_st)
-            T.clear(acc_b)
+            if kind != "jsd":
+                T.clear(acc_cross)
             for grp in T.serial(n_groups):
                 T.copy(partials[grp * group : (grp + 1) * group, 0, r0 : r0 + block_r], ms)
                 T.copy(partials[grp * group : (grp + 1) * group, 1, r0 : r0 + block_r], ss)
                 T.copy(partials[grp * group : (grp + 1) * group, 2, r0 : r0 + block_r], es)
-                T.copy(partials[grp * group : (grp + 1) * group, 3, r0 : r0 + block_r], a)
                 T.copy(partials[grp * group : (grp + 1) * group, 4, r0 : r0 + block_r], mt)
                 T.copy(partials[grp * group : (grp + 1) * group, 5, r0 : r0 + block_r], st)
-                T.copy(partials[grp * group : (grp + 1) * group, 6, r0 : r0 + block_r], b)
+                if kind != "jsd":
+                    T.copy(partials[grp * group : (grp + 1) * group, cross_channel, r0 : r0 + block_r], cross)
                 for k, i in T.Parallel(group, block_r):
                     valid = grp * group + k < n_tiles
                     ws = T.if_then_else(valid, T.exp2((ms[k, i] - row_ms[i]) * LOG2E), 0.0)
                     wt = T.if_then_else(valid, T.exp2((mt[k, i] - row_mt[i]) * LOG2E), 0.0)
                     acc_ss[k, i] += ws * ss[k, i]
                     acc_es[k, i] += ws * (es[k, i] + (ms[k, i] - row_ms[i]) * ss[k, i])
-                    acc_a[k, i] += ws * a[k, i]
                     acc_st[k, i] += wt * st[k, i]
-                    acc_b[k, i] += wt * b[k, i]
+                    if kind == "reverse":
+                        acc_cross[k, i] += ws * cross[k, i]
+                    elif kind == "forward":
+                        acc_cross[k, i] += wt * cross[k, i]
             T.reduce_sum(acc_ss, sum_ss, dim=0)
             T.reduce_sum(acc_es, sum_es, dim=0)
-            T.reduce_sum(acc_a, sum_a, dim=0)
             T.reduce_sum(acc_st, sum_st, dim=0)
-            T.reduce_sum(acc_b, sum_b, dim=0)
+            if kind != "jsd":
+                T.reduce_sum(acc_cross, sum_cross, dim=0)
 
             # lse = m + log S; KL(p‖q) = A/S_s − lse_s + lse_t; KL(q‖p) = B/S_t − lse_t + lse_s;
             # H(p) = log S_s − E/S_s (ref.merge_vocab_partials).
@@ -367,15 +388,18 @@ def combine_partials_kernel(vocab: int, block_v: int, block_r: int = 32, group: 
             for i in T.Parallel(block_r):
                 out[i] = row_mt[i] + T.log2(sum_st[i]) * LN2
             T.copy(out, row_stats[1, r0])
-            for i in T.Parallel(block_r):
-                out[i] = sum_a[i] / sum_ss[i] - (row_ms[i] + T.log2(sum_ss[i]) * LN2) + (row_mt[i] + T.log2(sum_st[i]) * LN2)
-            T.copy(out, row_stats[2, r0])
-            for i in T.Parallel(block_r):
-                out[i] = sum_b[i] / sum_st[i] - (row_mt[i] + T.log2(sum_st[i]) * LN2) + (row_ms[i] + T.log2(sum_ss[i]) * LN2)
-            T.copy(out, row_stats[3, r0])
+            if kind != "jsd":
+                for i in T.Parallel(block_r):
+                    lse_s = row_ms[i] + T.log2(sum_ss[i]) * LN2
+                    lse_t = row_mt[i] + T.log2(sum_st[i]) * LN2
+                    if kind == "reverse":
+                        out[i] = sum_cross[i] / sum_ss[i] - lse_s + lse_t
+                    else:
+                        out[i] = sum_cross[i] / sum_st[i] - lse_t + lse_s
+                T.copy(out, row_stats[2, r0])
             for i in T.Parallel(block_r):
                 out[i] = T.log2(sum_ss[i]) * LN2 - sum_es[i] / sum_ss[i]
-            T.copy(out, row_stats[4, r0])
+            T.copy(out, row_stats[3, r0])
 
     return combine_partials
 
@@ -424,7 +448,8 @@ def logit_grad_tile_macro(kind: str, beta: float, block_m: int, block_v: int):
         load_log_prob_tile(*tile, student_rel, teacher_rel, partials, row_stats, bm, bv)
         rel_s, rel_t, tile_ms, tile_mt, lse_s, lse_t = tile
         term = T.alloc_fragment((block_m,), f32)
-        T.copy(row_term[bm * block_m], term)
+        if kind != "forward":  # the forward gradient p − q has no per-row term
+            T.copy(row_term[bm * block_m], term)
         if kind == "jsd":
             for i, j in T.Parallel(block_m, block_v):
                 logp = T.cast(rel_s[i, j], f32) + (tile_ms[i] - lse_s[i])
@@ -575,12 +600,12 @@ def kernels_for(config: DistillKLKernelConfig, kind: str, beta: float, vocab: in
     `pending_grad` logits kernel is built on first use: only chunks that share a GEMM group need it."""
     c = config
     vocab_pad = -(-vocab // 8) * 8
-    logits = logits_partials_kernel(c.block_m, c.block_v, c.block_k, c.num_stages, c.threads)
-    combine = combine_partials_kernel(vocab, c.block_v, c.combine_block_r, c.combine_group)
+    logits = logits_partials_kernel(c.block_m, c.block_v, c.block_k, c.num_stages, c.threads, kind)
+    combine = combine_partials_kernel(kind, vocab, c.block_v, c.combine_block_r, c.combine_group)
     grad_beta = beta if kind == "jsd" else 0.0  # one compiled gradient per kind outside JSD
     grad = logit_grad_kernel(kind, grad_beta, vocab, vocab_pad, c.elementwise_block_m, c.block_v, c.threads) if with_grad else None
     jsd = jsd_partials_kernel(beta, vocab, vocab_pad, c.elementwise_block_m, c.block_v, c.threads) if kind == "jsd" else None
-    grad_then_logits = functools.partial(logits_partials_kernel, c.block_m, c.block_v, c.block_k, c.num_stages, c.threads, kind, grad_beta, vocab)
+    grad_then_logits = functools.partial(logits_partials_kernel, c.block_m, c.block_v, c.block_k, c.num_stages, c.threads, kind, True, grad_beta, vocab)
     return logits, combine, grad, jsd, grad_then_logits
 
 
@@ -689,17 +714,15 @@ def distill_kl_tilelang(
                 pending = None
                 combine_kernel(partials, row_stats)
                 rows = slice(gemm_start + offset, gemm_start + offset + r) if group_rows is None else gemm_sel[offset : offset + r]
-                lse_s, _, reverse_kl, forward_kl, row_entropy = row_stats
+                lse_s, _, kind_kl, row_entropy = row_stats
                 target_lp = None
                 if target_ids is not None:
                     target_rows = student_head.index_select(0, target_ids[rows])
                     target_logits = torch.linalg.vecdot(hs.float(), target_rows.float()) * inv_tau
                     target_lp = target_logits - lse_s
 
-                if kind == "reverse":
-                    row_loss = grad_term = reverse_kl
-                elif kind == "forward":
-                    row_loss = grad_term = forward_kl
+                if kind != "jsd":
+                    row_loss = grad_term = kind_kl
                 else:
                     jsd_sums = torch.empty(n_tiles, 2, r, dtype=torch.float32, device=device)
                     jsd_kernel(student_rel, teacher_rel, partials, row_stats, jsd_sums)
