@@ -116,7 +116,7 @@ def breakdown(n, vocab, d):
 
     c = K.DistillKLKernelConfig()
     hs, ws, ht, wt = make_inputs(n, vocab, d, d)
-    vocab_pad = -(-vocab // 8) * 8
+    vocab_pad = K.padded_vocab(vocab)
     rows, gemm_rows = K.chunk_rows_for(vocab_pad, c, n)
     hs_gemm, ws = hs.detach()[:gemm_rows], ws.detach()
     hs, ht, ht_gemm_rows = hs_gemm[:rows], ht[:rows], ht[:gemm_rows]

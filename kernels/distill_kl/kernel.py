@@ -56,6 +56,11 @@ PASS_CONFIGS = {tilelang.PassConfigKey.TL_ENABLE_FAST_MATH: True}
 CROSS_CHANNEL = {"reverse": PARTIAL_CHANNELS.index("reverse_cross"), "forward": PARTIAL_CHANNELS.index("forward_cross"), "jsd": None}
 
 
+
+def padded_vocab(vocab: int) -> int:
+    """Vp: V rounded up to 8, the row length of the fp16 workspace (TMA needs 16-byte row strides)."""
+    return -(-vocab // 8) * 8
+
 @dataclass(frozen=True)
 class DistillKLKernelConfig:
     """Tiling and memory budget of the TileLang path."""
@@ -132,7 +137,7 @@ def logits_partials_kernel(
         if vocab_static is None:
             raise ValueError("logits_partials_kernel(pending_grad=True) needs vocab_static (the vocabulary size)")
         rows, d_s, d_t = T.dynamic("rows, d_s, d_t")
-        vocab, vocab_pad = vocab_static, -(-vocab_static // 8) * 8
+        vocab, vocab_pad = vocab_static, padded_vocab(vocab_static)
     n_tiles = T.ceildiv(vocab, block_v)
     bf16, f16, f32 = T.bfloat16, T.float16, T.float32
     if pending_grad:
@@ -599,7 +604,7 @@ def kernels_for(config: DistillKLKernelConfig, kind: str, beta: float, vocab: in
     call's setting: one lookup per call instead of one per `tilelang.jit` factory. The
     `pending_grad` logits kernel is built on first use: only chunks that share a GEMM group need it."""
     c = config
-    vocab_pad = -(-vocab // 8) * 8
+    vocab_pad = padded_vocab(vocab)
     logits = logits_partials_kernel(c.block_m, c.block_v, c.block_k, c.num_stages, c.threads, kind)
     combine = combine_partials_kernel(kind, vocab, c.block_v, c.combine_block_r, c.combine_group)
     grad_beta = beta if kind == "jsd" else 0.0  # one compiled gradient per kind outside JSD
@@ -641,7 +646,7 @@ def distill_kl_tilelang(
     kind, beta = resolve_kind(kind, beta)
     n_rows, d_s = student_hidden.shape
     vocab = student_head.shape[0]
-    vocab_pad = -(-vocab // 8) * 8
+    vocab_pad = padded_vocab(vocab)
     device = student_hidden.device
     inv_tau = 1.0 / temperature
     c = config
