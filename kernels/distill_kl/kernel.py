@@ -56,10 +56,10 @@ PASS_CONFIGS = {tilelang.PassConfigKey.TL_ENABLE_FAST_MATH: True}
 CROSS_CHANNEL = {"reverse": PARTIAL_CHANNELS.index("reverse_cross"), "forward": PARTIAL_CHANNELS.index("forward_cross"), "jsd": None}
 
 
-
 def padded_vocab(vocab: int) -> int:
     """Vp: V rounded up to 8, the row length of the fp16 workspace (TMA needs 16-byte row strides)."""
     return -(-vocab // 8) * 8
+
 
 @dataclass(frozen=True)
 class DistillKLKernelConfig:
