@@ -149,7 +149,8 @@ def logits_partials_kernel(
         # pipeline stage, released only after the wait that ends both heads' MMAs.
         hidden_tile = T.alloc_shared((2 * block_m, block_k), bf16)
         head_tile = T.alloc_shared((2 * block_v, block_k), bf16)
-        rel_out = T.alloc_shared((block_m, block_v), f16)
+        student_rel_tile = T.alloc_shared((block_m, block_v), f16)
+        teacher_rel_tile = T.alloc_shared((block_m, block_v), f16)
         zs = T.alloc_fragment((block_m, block_v), f32)
         zt = T.alloc_fragment((block_m, block_v), f32)
         work = T.alloc_fragment((block_m, block_v), f32)
@@ -209,19 +210,28 @@ def logits_partials_kernel(
         exp_scale = inv_tau * LOG2E
         cross_sign = -1.0 if kind == "forward" else 1.0  # B is summed as Σ e_t (z_s − z_t) = −B·τ
 
-        # Teacher: S_t, the fp16 relative logits, and for "forward" Σ e_t (z_s − z_t) = −B·τ.
+        # Both fp16 relative-logit tiles first, each in a shared buffer of its own: one thread issues
+        # their TMA stores back to back and the sums below run while the copies read shared memory.
+        # The wait for them is the kernel's last statement; `T.copy` would wait right after each
+        # store, and the consumers would meet that wait at their next barrier (about −0.9 ms per
+        # step at N = 8192: bench/NOTES.md).
+        for i, j in T.Parallel(block_m, block_v):
+            teacher_rel_tile[i, j] = T.max(zt[i, j] * inv_tau - max_t[i] * inv_tau, FP16_FLOOR)
+        for i, j in T.Parallel(block_m, block_v):
+            student_rel_tile[i, j] = T.max(zs[i, j] * inv_tau - max_s[i] * inv_tau, FP16_FLOOR)
+        T.tma_copy(teacher_rel_tile, teacher_rel[bm * block_m : (bm + 1) * block_m, bv * block_v : (bv + 1) * block_v])
+        T.tma_copy(student_rel_tile, student_rel[bm * block_m : (bm + 1) * block_m, bv * block_v : (bv + 1) * block_v])
+
+        # Teacher: S_t, and for "forward" Σ e_t (z_s − z_t) = −B·τ.
         for i, j in T.Parallel(block_m, block_v):
             work[i, j] = T.exp2(zt[i, j] * exp_scale - max_t[i] * exp_scale)
         T.reduce_sum(work, sum_t, dim=1)
-        for i, j in T.Parallel(block_m, block_v):
-            rel_out[i, j] = T.max(zt[i, j] * inv_tau - max_t[i] * inv_tau, FP16_FLOOR)
-        T.copy(rel_out, teacher_rel[bm * block_m, bv * block_v])
         if kind == "forward":
             for i, j in T.Parallel(block_m, block_v):
                 work[i, j] = work[i, j] * (zs[i, j] - zt[i, j])
             T.reduce_sum(work, cross, dim=1)
 
-        # Student: S_s, for "reverse" A·τ = Σ e_s (z_s − z_t), E·τ = Σ e_s (z_s − m_s), relative logits.
+        # Student: S_s, for "reverse" A·τ = Σ e_s (z_s − z_t), and E·τ = Σ e_s (z_s − m_s).
         for i, j in T.Parallel(block_m, block_v):
             work[i, j] = T.exp2(zs[i, j] * exp_scale - max_s[i] * exp_scale)
         T.reduce_sum(work, sum_s, dim=1)
@@ -229,9 +239,6 @@ def logits_partials_kernel(
             for i, j in T.Parallel(block_m, block_v):
                 zt[i, j] = work[i, j] * (zs[i, j] - zt[i, j])
             T.reduce_sum(zt, cross, dim=1)
-        for i, j in T.Parallel(block_m, block_v):
-            rel_out[i, j] = T.max(zs[i, j] * inv_tau - max_s[i] * inv_tau, FP16_FLOOR)
-        T.copy(rel_out, student_rel[bm * block_m, bv * block_v])
         for i, j in T.Parallel(block_m, block_v):
             zs[i, j] = work[i, j] * (zs[i, j] - max_s[i])
         T.reduce_sum(zs, centered_s, dim=1)
@@ -249,6 +256,7 @@ def logits_partials_kernel(
         T.copy(sum_t, partials[bv, 5, bm * block_m])
         if kind != "jsd":
             T.copy(cross, partials[bv, CROSS_CHANNEL[kind], bm * block_m])
+        T.tma_store_wait()
 
     if not pending_grad:
 
