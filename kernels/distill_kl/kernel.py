@@ -52,8 +52,13 @@ FP16_FLOOR = -60000.0
 # any real logit, so exp underflows to 0 (even times a large 1/τ, where it reaches -inf).
 PAD_LOGIT = -1e30
 PASS_CONFIGS = {tilelang.PassConfigKey.TL_ENABLE_FAST_MATH: True}
+# Channel indices of the partials' `ref.PARTIAL_CHANNELS` dimension, by name.
+STUDENT_MAX, STUDENT_SUMEXP, STUDENT_CENTERED, REVERSE_CROSS, TEACHER_MAX, TEACHER_SUMEXP, FORWARD_CROSS = (
+    PARTIAL_CHANNELS.index(name)
+    for name in ("student_max", "student_sumexp", "student_centered", "reverse_cross", "teacher_max", "teacher_sumexp", "forward_cross")
+)
 # The one cross-sum channel of the partials each kind's loss needs; JSD sums its own terms.
-CROSS_CHANNEL = {"reverse": PARTIAL_CHANNELS.index("reverse_cross"), "forward": PARTIAL_CHANNELS.index("forward_cross"), "jsd": None}
+CROSS_CHANNEL = {"reverse": REVERSE_CROSS, "forward": FORWARD_CROSS, "jsd": None}
 
 
 def padded_vocab(vocab: int) -> int:
@@ -249,11 +254,11 @@ def logits_partials_kernel(
             centered_s[i] = centered_s[i] * inv_tau
             if kind != "jsd":
                 cross[i] = cross[i] * inv_tau * cross_sign
-        T.copy(max_s, partials[bv, 0, bm * block_m])
-        T.copy(sum_s, partials[bv, 1, bm * block_m])
-        T.copy(centered_s, partials[bv, 2, bm * block_m])
-        T.copy(max_t, partials[bv, 4, bm * block_m])
-        T.copy(sum_t, partials[bv, 5, bm * block_m])
+        T.copy(max_s, partials[bv, STUDENT_MAX, bm * block_m])
+        T.copy(sum_s, partials[bv, STUDENT_SUMEXP, bm * block_m])
+        T.copy(centered_s, partials[bv, STUDENT_CENTERED, bm * block_m])
+        T.copy(max_t, partials[bv, TEACHER_MAX, bm * block_m])
+        T.copy(sum_t, partials[bv, TEACHER_SUMEXP, bm * block_m])
         if kind != "jsd":
             T.copy(cross, partials[bv, CROSS_CHANNEL[kind], bm * block_m])
         T.tma_store_wait()
@@ -306,6 +311,7 @@ def logits_partials_kernel(
 # KL(p‖q) for "reverse" and KL(q‖p) for "forward"; unwritten for "jsd" (its terms have a pass of their own).
 ROW_STATS = ("student_lse", "teacher_lse", "kl", "student_entropy")
 N_ROW_STATS = len(ROW_STATS)
+STUDENT_LSE, TEACHER_LSE, KIND_KL, STUDENT_ENTROPY = range(N_ROW_STATS)
 
 
 @tilelang.jit(pass_configs=PASS_CONFIGS)
@@ -355,8 +361,8 @@ def combine_partials_kernel(kind: str, vocab: int, block_v: int, block_r: int = 
             T.fill(acc_ss, -T.infinity(f32))
             T.fill(acc_st, -T.infinity(f32))
             for grp in T.serial(n_groups):
-                T.copy(partials[grp * group : (grp + 1) * group, 0, r0 : r0 + block_r], ms)
-                T.copy(partials[grp * group : (grp + 1) * group, 4, r0 : r0 + block_r], mt)
+                T.copy(partials[grp * group : (grp + 1) * group, STUDENT_MAX, r0 : r0 + block_r], ms)
+                T.copy(partials[grp * group : (grp + 1) * group, TEACHER_MAX, r0 : r0 + block_r], mt)
                 for k, i in T.Parallel(group, block_r):  # tiles past the last one are padding
                     acc_ss[k, i] = T.if_then_else(grp * group + k < n_tiles, T.max(acc_ss[k, i], ms[k, i]), acc_ss[k, i])
                     acc_st[k, i] = T.if_then_else(grp * group + k < n_tiles, T.max(acc_st[k, i], mt[k, i]), acc_st[k, i])
@@ -369,11 +375,11 @@ def combine_partials_kernel(kind: str, vocab: int, block_v: int, block_r: int = 
             if kind != "jsd":
                 T.clear(acc_cross)
             for grp in T.serial(n_groups):
-                T.copy(partials[grp * group : (grp + 1) * group, 0, r0 : r0 + block_r], ms)
-                T.copy(partials[grp * group : (grp + 1) * group, 1, r0 : r0 + block_r], ss)
-                T.copy(partials[grp * group : (grp + 1) * group, 2, r0 : r0 + block_r], es)
-                T.copy(partials[grp * group : (grp + 1) * group, 4, r0 : r0 + block_r], mt)
-                T.copy(partials[grp * group : (grp + 1) * group, 5, r0 : r0 + block_r], st)
+                T.copy(partials[grp * group : (grp + 1) * group, STUDENT_MAX, r0 : r0 + block_r], ms)
+                T.copy(partials[grp * group : (grp + 1) * group, STUDENT_SUMEXP, r0 : r0 + block_r], ss)
+                T.copy(partials[grp * group : (grp + 1) * group, STUDENT_CENTERED, r0 : r0 + block_r], es)
+                T.copy(partials[grp * group : (grp + 1) * group, TEACHER_MAX, r0 : r0 + block_r], mt)
+                T.copy(partials[grp * group : (grp + 1) * group, TEACHER_SUMEXP, r0 : r0 + block_r], st)
                 if kind != "jsd":
                     T.copy(partials[grp * group : (grp + 1) * group, cross_channel, r0 : r0 + block_r], cross)
                 for k, i in T.Parallel(group, block_r):
@@ -397,10 +403,10 @@ def combine_partials_kernel(kind: str, vocab: int, block_v: int, block_r: int = 
             # H(p) = log S_s − E/S_s (ref.merge_vocab_partials).
             for i in T.Parallel(block_r):
                 out[i] = row_ms[i] + T.log2(sum_ss[i]) * LN2
-            T.copy(out, row_stats[0, r0])
+            T.copy(out, row_stats[STUDENT_LSE, r0])
             for i in T.Parallel(block_r):
                 out[i] = row_mt[i] + T.log2(sum_st[i]) * LN2
-            T.copy(out, row_stats[1, r0])
+            T.copy(out, row_stats[TEACHER_LSE, r0])
             if kind != "jsd":
                 for i in T.Parallel(block_r):
                     lse_s = row_ms[i] + T.log2(sum_ss[i]) * LN2
@@ -409,10 +415,10 @@ def combine_partials_kernel(kind: str, vocab: int, block_v: int, block_r: int = 
                         out[i] = sum_cross[i] / sum_ss[i] - lse_s + lse_t
                     else:
                         out[i] = sum_cross[i] / sum_st[i] - lse_t + lse_s
-                T.copy(out, row_stats[2, r0])
+                T.copy(out, row_stats[KIND_KL, r0])
             for i in T.Parallel(block_r):
                 out[i] = T.log2(sum_ss[i]) * LN2 - sum_es[i] / sum_ss[i]
-            T.copy(out, row_stats[3, r0])
+            T.copy(out, row_stats[STUDENT_ENTROPY, r0])
 
     return combine_partials
 
@@ -438,10 +444,10 @@ def load_log_prob_tile(rel_s, rel_t, tile_ms, tile_mt, lse_s, lse_t, student_rel
     row0, col0 = bm * rel_s.shape[0], bv * rel_s.shape[1]
     T.copy(student_rel[row0, col0], rel_s)
     T.copy(teacher_rel[row0, col0], rel_t)
-    T.copy(partials[bv, 0, row0], tile_ms)
-    T.copy(partials[bv, 4, row0], tile_mt)
-    T.copy(row_stats[0, row0], lse_s)
-    T.copy(row_stats[1, row0], lse_t)
+    T.copy(partials[bv, STUDENT_MAX, row0], tile_ms)
+    T.copy(partials[bv, TEACHER_MAX, row0], tile_mt)
+    T.copy(row_stats[STUDENT_LSE, row0], lse_s)
+    T.copy(row_stats[TEACHER_LSE, row0], lse_t)
 
 
 def logit_grad_tile_macro(kind: str, beta: float, block_m: int, block_v: int):
