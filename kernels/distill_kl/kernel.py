@@ -355,6 +355,8 @@ def combine_partials_kernel(kind: str, vocab: int, block_v: int, block_r: int = 
             sum_es = T.alloc_fragment((block_r,), f32)
             sum_st = T.alloc_fragment((block_r,), f32)
             sum_cross = T.alloc_fragment((block_r,), f32)
+            lse_s = T.alloc_fragment((block_r,), f32)
+            lse_t = T.alloc_fragment((block_r,), f32)
             out = T.alloc_fragment((block_r,), f32)
 
             # Pass 1: elementwise running maxima over the groups, one cross-thread reduce at the end.
@@ -402,19 +404,16 @@ def combine_partials_kernel(kind: str, vocab: int, block_v: int, block_r: int = 
             # lse = m + log S; KL(p‖q) = A/S_s − lse_s + lse_t; KL(q‖p) = B/S_t − lse_t + lse_s;
             # H(p) = log S_s − E/S_s (ref.merge_vocab_partials).
             for i in T.Parallel(block_r):
-                out[i] = row_ms[i] + T.log2(sum_ss[i]) * LN2
-            T.copy(out, row_stats[STUDENT_LSE, r0])
-            for i in T.Parallel(block_r):
-                out[i] = row_mt[i] + T.log2(sum_st[i]) * LN2
-            T.copy(out, row_stats[TEACHER_LSE, r0])
+                lse_s[i] = row_ms[i] + T.log2(sum_ss[i]) * LN2
+                lse_t[i] = row_mt[i] + T.log2(sum_st[i]) * LN2
+            T.copy(lse_s, row_stats[STUDENT_LSE, r0])
+            T.copy(lse_t, row_stats[TEACHER_LSE, r0])
             if kind != "jsd":
                 for i in T.Parallel(block_r):
-                    lse_s = row_ms[i] + T.log2(sum_ss[i]) * LN2
-                    lse_t = row_mt[i] + T.log2(sum_st[i]) * LN2
                     if kind == "reverse":
-                        out[i] = sum_cross[i] / sum_ss[i] - lse_s + lse_t
+                        out[i] = sum_cross[i] / sum_ss[i] - lse_s[i] + lse_t[i]
                     else:
-                        out[i] = sum_cross[i] / sum_st[i] - lse_t + lse_s
+                        out[i] = sum_cross[i] / sum_st[i] - lse_t[i] + lse_s[i]
                 T.copy(out, row_stats[KIND_KL, r0])
             for i in T.Parallel(block_r):
                 out[i] = T.log2(sum_ss[i]) * LN2 - sum_es[i] / sum_ss[i]
@@ -466,8 +465,8 @@ def logit_grad_tile_macro(kind: str, beta: float, block_m: int, block_v: int):
         tile = alloc_log_prob_tile(block_m, block_v)
         load_log_prob_tile(*tile, student_rel, teacher_rel, partials, row_stats, bm, bv)
         rel_s, rel_t, tile_ms, tile_mt, lse_s, lse_t = tile
-        term = T.alloc_fragment((block_m,), f32)
         if kind != "forward":  # the forward gradient p − q has no per-row term
+            term = T.alloc_fragment((block_m,), f32)
             T.copy(row_term[bm * block_m], term)
         if kind == "jsd":
             for i, j in T.Parallel(block_m, block_v):
