@@ -119,19 +119,17 @@ def breakdown(n, vocab, d):
     vocab_pad = K.padded_vocab(vocab)
     rows, gemm_rows = K.chunk_rows_for(vocab_pad, c, n)
     hs_gemm, ws = hs.detach()[:gemm_rows], ws.detach()
-    hs, ht, ht_gemm_rows = hs_gemm[:rows], ht[:rows], ht[:gemm_rows]
+    hs, ht = hs_gemm[:rows], ht[:rows]
     n_tiles = -(-vocab // c.block_v)
-    logits = K.logits_partials_kernel(c.block_m, c.block_v, c.block_k, c.num_stages, c.threads, "reverse")
+    ctas = c.persistent_ctas or torch.cuda.get_device_properties(0).multi_processor_count
+    logits = K.logits_partials_kernel(c.block_m, c.block_v, c.block_k, c.num_stages, "reverse", num_ctas=ctas)
     combine = K.combine_partials_kernel("reverse", vocab, c.block_v, c.combine_block_r, c.combine_group)
     grad = K.logit_grad_kernel("reverse", 0.0, vocab, vocab_pad, c.elementwise_block_m, c.block_v, c.threads)
-    grad_then_logits = K.logits_partials_kernel(c.block_m, c.block_v, c.block_k, c.num_stages, c.threads, "reverse", True, 0.0, vocab)
     rel_s = torch.empty(rows, vocab_pad, device="cuda", dtype=torch.float16)
     rel_t = torch.empty_like(rel_s)
     partials = torch.empty(n_tiles, K.N_PARTIALS, rows, device="cuda")
     row_stats = torch.empty(K.N_ROW_STATS, rows, device="cuda")
     d_head = torch.empty_like(ws)
-    hs_next, ht_next = hs_gemm[rows : 2 * rows], ht_gemm_rows[rows : 2 * rows]
-    next_rel_s, next_partials = torch.empty_like(rel_s), torch.empty_like(partials)
     grad_buf = rel_s.view(torch.bfloat16)
     # The dH / dW_s GEMMs run once per `gemm_rows` rows (several chunks' gradients).
     g = torch.randn(gemm_rows, vocab, device="cuda", dtype=torch.bfloat16)
@@ -139,10 +137,6 @@ def breakdown(n, vocab, d):
         "logits+partials kernel": lambda: logits(hs, ws, ht, wt, 1.0, rel_s, rel_t, partials),
         "combine partials kernel": lambda: combine(partials, row_stats),
         "logit grad kernel": lambda: grad(rel_s, rel_t, partials, row_stats, row_stats[2], 1.0 / n, grad_buf),
-        # The same gradient written by the next chunk's logits kernel (its `pending_grad` variant).
-        "grad + next chunk's logits kernel": lambda: grad_then_logits(
-            hs_next, ws, ht_next, wt, 1.0, next_rel_s, rel_t, next_partials, rel_s, partials, row_stats, row_stats[2], 1.0 / n, grad_buf
-        ),
         f"dH = G·W_s (cuBLAS, {gemm_rows} rows)": lambda: g @ ws,
         f"dW_s = Gᵀ·H_s (cuBLAS, {gemm_rows} rows)": lambda: torch.mm(g.T, hs_gemm, out=d_head),
         f"dW_s += Gᵀ·H_s (addmm, {gemm_rows} rows)": lambda: d_head.addmm_(g.T, hs_gemm),
@@ -161,7 +155,7 @@ def breakdown(n, vocab, d):
     stages = {name: statistics.median(t) for name, t in times.items()}
     flop = 2 * rows * d * vocab
     gemm_flop = {name: 2 * gemm_rows * d * vocab for name in stages if name.startswith("dW") or name.startswith("dH")}
-    gemm_flop["logits+partials kernel"] = gemm_flop["grad + next chunk's logits kernel"] = 2 * flop
+    gemm_flop["logits+partials kernel"] = 2 * flop
     return (rows, gemm_rows), {name: (ms, gemm_flop[name] / ms / 1e9 if name in gemm_flop else None) for name, ms in stages.items()}
 
 

@@ -2,19 +2,19 @@
 
 Gradient-in-forward with 4 head-sized GEMMs (spec §6 table), processed per chunk of R token rows:
 
-1. `logits_partials_kernel` (TileLang, one CTA per 128×128 tile of the chunk's [R, V] logits):
-   both logit tiles `H_s·W_sᵀ` and `H_t·W_tᵀ` are accumulated in registers over the hidden
-   dimension (TMA + WGMMA pipeline, warp-specialised by TileLang) and reduced to the tempered
-   per-tile partials of `ref.PARTIAL_CHANNELS` (of the two cross sums, only the one its kind
-   needs) from the fp32 accumulators. The epilogue also writes the tile's logits *relative to
-   their tile max* as fp16 ([R, V] workspace): near the max fp16 keeps 11 bits where raw bf16
-   logits keep 8, so the gradient sees logits 8× more precise than a bf16 logits tensor would give.
+1. `logits_partials_kernel` (TileLang, persistent: one CTA per SM walks the 128×128 tiles of the
+   chunk's [R, V] logits): one warpgroup loads (TMA), one accumulates the student tile `H_s·W_sᵀ`
+   and one the teacher tile `H_t·W_tᵀ` in registers (WGMMA), each over its own hidden width, so
+   one head's epilogue runs under the other head's MMAs (ping-pong). Each epilogue reduces its
+   fp32 accumulators to the tempered per-tile partials of `ref.PARTIAL_CHANNELS` (the cross sum
+   only for the kind that needs it) and writes the tile's logits *relative to their tile max* as
+   fp16 ([R, V] workspace): near the max fp16 keeps 11 bits where raw bf16 logits keep 8, so the
+   gradient sees logits 8× more precise than a bf16 logits tensor would give.
 2. `combine_partials_kernel` (TileLang) merges the partials with the flash-decoding combine (the
    twin of `ref.merge_vocab_partials`) into per-row log-sum-exps, KL and entropy. For JSD,
    `jsd_partials_kernel` adds the pass that needs both normalised distributions.
-3. `logit_grad_kernel` (TileLang, elementwise) turns the workspace into d loss / d logits in bf16,
-   in place. Within a GEMM group the next chunk's logits kernel does this first (its
-   `pending_grad` variant), so only each group's last chunk needs the launch of its own.
+3. `logit_grad_kernel` (TileLang, elementwise) turns the chunk's workspace into d loss / d logits
+   in bf16, in place, before the next chunk's logits kernel reuses the teacher workspace.
 4. cuBLAS (torch.mm) does `dH = G·W_s` and `dW_s += Gᵀ·H_s` once per group of
    `chunks_per_gemm` chunks: plain GEMMs that cuBLAS runs near the matrix-unit ceiling, and closer
    to it the more rows they cover (3072 rather than 2048 rows: 5-9 % less time per row);
@@ -52,6 +52,14 @@ FP16_FLOOR = -60000.0
 # any real logit, so exp underflows to 0 (even times a large 1/τ, where it reaches -inf).
 PAD_LOGIT = -1e30
 PASS_CONFIGS = {tilelang.PassConfigKey.TL_ENABLE_FAST_MATH: True}
+# The logits kernel writes its roles, barriers and register split by hand: TileLang's automatic
+# warp specialisation, its sync insertion (it does not see the mbarrier protocol) and its reuse of
+# shared memory (the ring stays live during the epilogues) are off.
+LOGITS_PASS_CONFIGS = PASS_CONFIGS | {
+    tilelang.PassConfigKey.TL_DISABLE_WARP_SPECIALIZED: True,
+    tilelang.PassConfigKey.TL_DISABLE_THREAD_STORAGE_SYNC: True,
+    tilelang.PassConfigKey.TL_DISABLE_SHARED_MEMORY_REUSE: True,
+}
 # Channel indices of the partials' `ref.PARTIAL_CHANNELS` dimension, by name.
 STUDENT_MAX, STUDENT_SUMEXP, STUDENT_CENTERED, REVERSE_CROSS, TEACHER_MAX, TEACHER_SUMEXP, FORWARD_CROSS = (
     PARTIAL_CHANNELS.index(name)
@@ -71,17 +79,19 @@ class DistillKLKernelConfig:
     """Tiling and memory budget of the TileLang path."""
 
     block_m: int = 128
-    """token rows per CTA of the logits kernel (two warpgroups of 64 rows)"""
+    """token rows of a logits tile (one warpgroup per head: two m64 WGMMAs per k16 step)"""
     block_v: int = 128
-    """vocabulary rows per CTA; the partials and the fp16 workspace are per block_v tile"""
+    """vocabulary rows of a logits tile; the partials and the fp16 workspace are per block_v tile"""
     block_k: int = 64
     """hidden-dimension step of the TMA/WGMMA pipeline"""
-    num_stages: int = 3
-    """pipeline depth; each stage holds 4 tiles of block×block_k bf16 (64 KiB at the defaults) behind
-    one barrier, so a stage is refilled only after both heads' MMAs on it: 3 stages ran at
-    580 TFLOP/s, 2 at 470 and block_k 32 with 4 / 6 stages at 530 / 520 (bench/NOTES.md)"""
+    num_stages: int = 5
+    """depth of the logits kernel's ring of one-head stages (block_m×block_k hidden + block_v×block_k
+    head, 32 KiB at the defaults); 5 fill the shared memory beside the two fp16 staging tiles.
+    4 stages ran 3.6 % slower (bench/NOTES.md)"""
+    persistent_ctas: int = 0
+    """CTAs of the persistent logits kernel; 0: one per SM of the device"""
     threads: int = 256
-    """consumer threads; TileLang adds one producer warpgroup on sm_90"""
+    """threads per CTA of the elementwise kernels (gradient, JSD partials)"""
     elementwise_block_m: int = 64
     """token rows per CTA of the gradient and JSD kernels"""
     combine_block_r: int = 8
@@ -96,195 +106,150 @@ class DistillKLKernelConfig:
     """logits chunks whose bf16 gradients share one dH and one dW_s GEMM. The workspace holds
     their gradients plus one chunk's teacher logits, so a chunk gets 1/(chunks_per_gemm + 1) of
     it: 3 gives 1024-row chunks and 3072-row GEMMs at V = 129,280 (1 gives 2048 and 2048)"""
-    fuse_pending_grad: bool = True
-    """write a chunk's gradient inside the next chunk's logits kernel of the same GEMM group (the
-    `pending_grad` variant) instead of in a launch of its own; the group's last chunk keeps its
-    own launch, since the GEMMs need its gradient before any later logits kernel runs"""
     concurrent_gemms: bool = True
     """queue dW_s on a second stream beside dH, so that each GEMM's last partial wave of tiles
     overlaps the other's work: −0.12 to −0.22 ms per GEMM group on the H200 while it has power
     headroom, nothing once it sits at its 700 W cap; bitwise-equal results (bench/NOTES.md)"""
 
 
-@tilelang.jit(pass_configs=PASS_CONFIGS)
+@tilelang.jit(pass_configs=LOGITS_PASS_CONFIGS)
 def logits_partials_kernel(
     block_m: int,
     block_v: int,
     block_k: int,
     num_stages: int,
-    threads: int,
     kind: str,
-    pending_grad: bool = False,
-    beta: float = 0.0,
-    vocab_static: int | None = None,
+    num_ctas: int = 132,
 ):
-    """Builds the fused two-head logits + partials kernel for one divergence `kind`.
+    """Builds the persistent head-split ping-pong logits + partials kernel for one divergence `kind`.
 
-    The epilogue sums only the cross term its kind needs: `reverse_cross` for "reverse",
-    `forward_cross` for "forward", neither for "jsd" (`jsd_partials_kernel` has its own pass); the
-    other partial channels are left unwritten, and `combine_partials_kernel` of the same kind
-    never reads them.
-
-    Every tensor dimension is dynamic unless `pending_grad`: then each CTA
-    first turns the *previous* chunk's workspace tile at its own coordinates into the bf16
-    gradient (`logit_grad_kernel`'s work, for a chunk of the same row count), and only then
-    overwrites the shared teacher workspace tile with this chunk's logits, so the one teacher
-    buffer serves both chunks without a race. That memory-bound work runs while the producer
-    warpgroup fills the pipeline and while the other SMs do MMAs, instead of in a launch of its
-    own (a third of the 0.22 ms that launch takes per 1024-row chunk is saved: bench/NOTES.md).
-    The vocabulary is then static (`vocab_static`), so that those loads vectorise.
+    Warpgroup 0 loads, warpgroup 1 owns the student's whole block_m×block_v tile and warpgroup 2
+    the teacher's: two m64 WGMMAs per k16 step from one-head ring stages, so each MMA flop loads
+    the bytes the two-head tile loaded, while one warpgroup's epilogue runs under the other's MMAs.
+    The producer loads each tile's `lead` head first, then the other; the lead leaves its fp16
+    relative tile and its row max in shared memory, and the other head's epilogue takes the kind's
+    cross sum from them: Σ e_s (z_s − z_t) for "reverse" (the student leads), Σ e_t (z_t − z_s) for
+    "forward" (the teacher leads). The lead is the head whose exp weights the sum, so its fp16
+    values sit near 0 where the weight is large. "jsd" sums no cross term. `num_ctas` is the
+    persistent grid (the SM count); every tile's arithmetic is the same for any value.
     """
     if kind not in CROSS_CHANNEL:
         raise ValueError(f"logits_partials_kernel: kind={kind!r} is not one of {tuple(CROSS_CHANNEL)}")
-    if not pending_grad:
-        rows, vocab, vocab_pad, d_s, d_t = T.dynamic("rows, vocab, vocab_pad, d_s, d_t")
-    else:
-        if vocab_static is None:
-            raise ValueError("logits_partials_kernel(pending_grad=True) needs vocab_static (the vocabulary size)")
-        rows, d_s, d_t = T.dynamic("rows, d_s, d_t")
-        vocab, vocab_pad = vocab_static, padded_vocab(vocab_static)
+    rows, vocab, vocab_pad, d_s, d_t = T.dynamic("rows, vocab, vocab_pad, d_s, d_t")
     n_tiles = T.ceildiv(vocab, block_v)
+    n_row_blocks = T.ceildiv(rows, block_m)
     bf16, f16, f32 = T.bfloat16, T.float16, T.float32
-    if pending_grad:
-        logit_grad_tile = logit_grad_tile_macro(kind, beta, block_m, block_v)
+    student_leads = kind != "forward"
+    exchange = kind != "jsd"
+    cross_channel = CROSS_CHANNEL[kind]
+
+    def tile_of(cta, n):
+        """(row block, vocabulary tile) of the CTA's n-th tile; row blocks vary fastest, so the CTAs
+        in flight share a few head tiles through L2 and each head row is read from HBM once per chunk."""
+        t = cta + n * num_ctas
+        return t % n_row_blocks, t // n_row_blocks
 
     @T.macro
-    def logits_tile(student_hidden, student_head, teacher_hidden, teacher_head, inv_tau, student_rel, teacher_rel, partials, bm, bv, pending):
-        # Student rows on top, teacher rows below: one buffer per operand means one barrier per
-        # pipeline stage, released only after the wait that ends both heads' MMAs.
-        hidden_tile = T.alloc_shared((2 * block_m, block_k), bf16)
-        head_tile = T.alloc_shared((2 * block_v, block_k), bf16)
-        student_rel_tile = T.alloc_shared((block_m, block_v), f16)
-        teacher_rel_tile = T.alloc_shared((block_m, block_v), f16)
-        zs = T.alloc_fragment((block_m, block_v), f32)
-        zt = T.alloc_fragment((block_m, block_v), f32)
-        work = T.alloc_fragment((block_m, block_v), f32)
-        max_s = T.alloc_fragment((block_m,), f32)
-        max_t = T.alloc_fragment((block_m,), f32)
-        sum_s = T.alloc_fragment((block_m,), f32)
-        sum_t = T.alloc_fragment((block_m,), f32)
-        centered_s = T.alloc_fragment((block_m,), f32)
-        cross = T.alloc_fragment((block_m,), f32)
+    def load_head(hidden, head, hidden_ring, head_ring, full, empty, go, bm, bv, first, k_steps):
+        for k in T.serial(k_steps):
+            it = first + k
+            s = it % num_stages
+            T.barrier_wait(empty[s], ((it // num_stages) % 2) ^ 1)
+            if k == 0:  # the slot is free: this head's consumer may now wait on the ring (`mma_head`)
+                if T.get_thread_binding(0) == 0:
+                    T.barrier_arrive(go[0])
+            T.tma_copy(hidden[bm * block_m : (bm + 1) * block_m, k * block_k : (k + 1) * block_k], hidden_ring[s, :, :], barrier=full[s])
+            T.tma_copy(head[bv * block_v : (bv + 1) * block_v, k * block_k : (k + 1) * block_k], head_ring[s, :, :], barrier=full[s])
+            if T.get_thread_binding(0) == 0:  # the thread that set the expected bytes
+                T.barrier_arrive(full[s])
 
-        if pending_grad:
-            prev_student_rel, prev_partials, prev_row_stats, prev_row_term, prev_scale, prev_grad = pending
-            pending_g = T.alloc_fragment((block_m, block_v), bf16)
-            logit_grad_tile(prev_student_rel, teacher_rel, prev_partials, prev_row_stats, prev_row_term, prev_scale, pending_g, bm, bv)
-        T.clear(zs)
-        T.clear(zt)
-        # One K loop feeds both heads so TileLang warp-specialises it (a second loop would
-        # not be). With d_s != d_t, past the shorter width its copies re-read its last K slice
-        # (an L2 hit) and its MMAs are skipped: TMA boxes wholly past a tensor's end come back
-        # zero-filled, but slowly, which made those steps 1.5x as slow as full ones (the logits
-        # kernel at d_t = 7168 went from 7.95 to 5.56 ms: bench/NOTES.md). The student MMAs are
-        # issued without a wait and the teacher gemm's wait covers both, so the tensor cores
-        # drain once per K step instead of twice; past d_t an explicit wait takes its place,
-        # before the stage is released.
-        last_k_s = (T.ceildiv(d_s, block_k) - 1) * block_k
-        last_k_t = (T.ceildiv(d_t, block_k) - 1) * block_k
-        for k in T.Pipelined(T.ceildiv(T.max(d_s, d_t), block_k), num_stages=num_stages):
-            k0 = k * block_k
-            ks = T.min(k0, last_k_s)
-            kt = T.min(k0, last_k_t)
-            T.copy(student_hidden[bm * block_m : (bm + 1) * block_m, ks : ks + block_k], hidden_tile[0:block_m, :])
-            T.copy(teacher_hidden[bm * block_m : (bm + 1) * block_m, kt : kt + block_k], hidden_tile[block_m : 2 * block_m, :])
-            T.copy(student_head[bv * block_v : (bv + 1) * block_v, ks : ks + block_k], head_tile[0:block_v, :])
-            T.copy(teacher_head[bv * block_v : (bv + 1) * block_v, kt : kt + block_k], head_tile[block_v : 2 * block_v, :])
-            if k0 < d_s:
-                T.wgmma_gemm(hidden_tile[0:block_m, :], head_tile[0:block_v, :], zs, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
-            if k0 < d_t:
-                T.gemm(hidden_tile[block_m : 2 * block_m, :], head_tile[block_v : 2 * block_v, :], zt, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
-            else:
-                T.wait_wgmma(0)
-        if pending_grad:
-            # Stored after the loop: TileLang keeps a pre-loop statement on the consumer warpgroups
-            # only when something after the loop reads what it defines.
-            T.copy(pending_g, prev_grad[bm * block_m, bv * block_v])
+    @T.macro
+    def mma_head(hidden_ring, head_ring, full, empty, go, z, n, first, k_steps):
+        # A parity wait tells only two phases of a slot apart: a consumer that reached its next
+        # head a whole head ahead of the producer would pass on an old phase, so it first waits
+        # until the producer is at that head.
+        T.barrier_wait(go[0], n % 2)
+        for k in T.serial(k_steps):
+            it = first + k
+            s = it % num_stages
+            T.barrier_wait(full[s], (it // num_stages) % 2)
+            # Accumulators zeroed by the first MMA (a T.clear before the loop made ptxas serialise
+            # every WGMMA, C7515); one K step stays in flight, the one before it frees its slot.
+            T.wgmma_gemm(hidden_ring[s, :, :], head_ring[s, :, :], z, transpose_B=True, policy=T.GemmWarpPolicy.FullRow, clear_accum=k == 0)
+            T.wait_wgmma(1)
+            if k > 0:
+                T.barrier_arrive(empty[(it - 1) % num_stages])
+        T.wait_wgmma(0)
+        T.barrier_arrive(empty[(first + k_steps - 1) % num_stages])
 
-        # The accumulators stay untempered: τ > 0 commutes with the max, and every cross sum is
-        # linear in z, so 1/τ is applied per row at the end and folded into one FFMA per
-        # element below (exp2(z·c − m·c), as flash attention does) instead of a pass of its own.
-        # Columns past V (only in the ragged last tile) become a huge finite negative logit:
-        # exp gives 0 and their z_s − z_t is 0, so no per-element mask is needed anywhere else.
+    @T.macro
+    def head_epilogue(z, work, row_max, row_sum, centered, cross, own_tile, other_tile, rel_out, lead_row_max, xchg_full, xchg_empty, inv_tau, n, bm, bv, named_barrier, is_student, is_lead):
+        """One head's tile: the fp16 relative tile (`own_tile`, stored by TMA) and the partials.
+
+        With a cross sum, the lead also leaves its row max and the low part of its relative logits
+        (rel − fp16(rel), in fp16, in the other head's staging tile) in shared memory: their sum
+        carries 22 bits, so the other head's cross sum weighs with the lead's own exp values, not
+        ones 2^-11·|rel| off (which made per-token errors 8× those of fp32 partials)."""
+        # The accumulators stay untempered: τ > 0 commutes with the max, and every sum below is
+        # linear in z, so 1/τ is applied per row at the end and folded into one FFMA per element
+        # (exp2(z·c − m·c), as flash attention does). Columns past V (only in the ragged last
+        # tile) become a huge finite negative logit: exp gives 0, and so does every product with it.
         if bv == n_tiles - 1:
             for i, j in T.Parallel(block_m, block_v):
-                zs[i, j] = T.if_then_else(bv * block_v + j < vocab, zs[i, j], PAD_LOGIT)
-                zt[i, j] = T.if_then_else(bv * block_v + j < vocab, zt[i, j], PAD_LOGIT)
-        T.reduce_max(zs, max_s, dim=1)
-        T.reduce_max(zt, max_t, dim=1)
+                z[i, j] = T.if_then_else(bv * block_v + j < vocab, z[i, j], PAD_LOGIT)
+        T.reduce_max(z, row_max, dim=1)
         exp_scale = inv_tau * LOG2E
-        cross_sign = -1.0 if kind == "forward" else 1.0  # B is summed as Σ e_t (z_s − z_t) = −B·τ
-
-        # Both fp16 relative-logit tiles first, each in a shared buffer of its own: one thread issues
-        # their TMA stores back to back and the sums below run while the copies read shared memory.
-        # The wait for them is the kernel's last statement; `T.copy` would wait right after each
-        # store, and the consumers would meet that wait at their next barrier (about −0.9 ms per
-        # step at N = 8192: bench/NOTES.md).
-        for i, j in T.Parallel(block_m, block_v):
-            teacher_rel_tile[i, j] = T.max(zt[i, j] * inv_tau - max_t[i] * inv_tau, FP16_FLOOR)
-        for i, j in T.Parallel(block_m, block_v):
-            student_rel_tile[i, j] = T.max(zs[i, j] * inv_tau - max_s[i] * inv_tau, FP16_FLOOR)
-        T.tma_copy(teacher_rel_tile, teacher_rel[bm * block_m : (bm + 1) * block_m, bv * block_v : (bv + 1) * block_v])
-        T.tma_copy(student_rel_tile, student_rel[bm * block_m : (bm + 1) * block_m, bv * block_v : (bv + 1) * block_v])
-
-        # Teacher: S_t, and for "forward" Σ e_t (z_s − z_t) = −B·τ.
-        for i, j in T.Parallel(block_m, block_v):
-            work[i, j] = T.exp2(zt[i, j] * exp_scale - max_t[i] * exp_scale)
-        T.reduce_sum(work, sum_t, dim=1)
-        if kind == "forward":
+        if exchange and not is_lead:
+            # Σ e_lead (z_lead − z), z_lead = rel_lead·τ + m_lead: "reverse" A·τ = Σ e_s (z_s − z_t),
+            # "forward" −(its B)·τ = Σ e_t (z_t − z_s). The low parts sit in this head's staging tile.
+            T.barrier_wait(xchg_full[0], n % 2)
             for i, j in T.Parallel(block_m, block_v):
-                work[i, j] = work[i, j] * (zs[i, j] - zt[i, j])
+                rel = T.cast(other_tile[i, j], f32) + T.cast(own_tile[i, j], f32)
+                work[i, j] = T.exp2(rel * LOG2E) * (rel / inv_tau + (lead_row_max[i] - z[i, j]))
             T.reduce_sum(work, cross, dim=1)
-
-        # Student: S_s, for "reverse" A·τ = Σ e_s (z_s − z_t), and E·τ = Σ e_s (z_s − m_s).
+            T.sync_threads(named_barrier, 128)  # every thread has read the low parts
+        elif n > 0:  # the previous tile's store has read the staging tile
+            T.tma_store_wait()
+            T.sync_threads(named_barrier, 128)
+            if exchange:  # and the other head has read the low parts and its staging tile is free
+                T.barrier_wait(xchg_empty[0], (n - 1) % 2)
+        # The fp16 relative tile first: its TMA store reads shared memory while the sums run.
         for i, j in T.Parallel(block_m, block_v):
-            work[i, j] = T.exp2(zs[i, j] * exp_scale - max_s[i] * exp_scale)
-        T.reduce_sum(work, sum_s, dim=1)
-        if kind == "reverse":
+            rel = T.max(z[i, j] * inv_tau - row_max[i] * inv_tau, FP16_FLOOR)
+            own_tile[i, j] = rel
+            if exchange and is_lead:
+                other_tile[i, j] = T.max(rel - T.cast(T.cast(rel, f16), f32), FP16_FLOOR)
+        if exchange and is_lead:
+            T.copy(row_max, lead_row_max)
+        T.fence_proxy_async()
+        T.sync_threads(named_barrier, 128)
+        T.tma_copy(own_tile, rel_out[bm * block_m : (bm + 1) * block_m, bv * block_v : (bv + 1) * block_v])
+        if exchange and is_lead:
+            T.barrier_arrive(xchg_full[0])
+
+        for i, j in T.Parallel(block_m, block_v):
+            work[i, j] = T.exp2(z[i, j] * exp_scale - row_max[i] * exp_scale)
+        T.reduce_sum(work, row_sum, dim=1)
+        if is_student:  # E·τ = Σ e_s (z_s − m_s)
             for i, j in T.Parallel(block_m, block_v):
-                zt[i, j] = work[i, j] * (zs[i, j] - zt[i, j])
-            T.reduce_sum(zt, cross, dim=1)
-        for i, j in T.Parallel(block_m, block_v):
-            zs[i, j] = work[i, j] * (zs[i, j] - max_s[i])
-        T.reduce_sum(zs, centered_s, dim=1)
-
+                work[i, j] = work[i, j] * (z[i, j] - row_max[i])
+            T.reduce_sum(work, centered, dim=1)
+        if exchange and not is_lead:  # the store has read this staging tile: the lead may refill both
+            T.tma_store_wait()
+            T.barrier_arrive(xchg_empty[0])
         for i in T.Parallel(block_m):  # temper the per-row results
-            max_s[i] = max_s[i] * inv_tau
-            max_t[i] = max_t[i] * inv_tau
-            centered_s[i] = centered_s[i] * inv_tau
-            if kind != "jsd":
-                cross[i] = cross[i] * inv_tau * cross_sign
-        T.copy(max_s, partials[bv, STUDENT_MAX, bm * block_m])
-        T.copy(sum_s, partials[bv, STUDENT_SUMEXP, bm * block_m])
-        T.copy(centered_s, partials[bv, STUDENT_CENTERED, bm * block_m])
-        T.copy(max_t, partials[bv, TEACHER_MAX, bm * block_m])
-        T.copy(sum_t, partials[bv, TEACHER_SUMEXP, bm * block_m])
-        if kind != "jsd":
-            T.copy(cross, partials[bv, CROSS_CHANNEL[kind], bm * block_m])
-        T.tma_store_wait()
+            row_max[i] = row_max[i] * inv_tau
+            if is_student:
+                centered[i] = centered[i] * inv_tau
+            if exchange and not is_lead:
+                cross[i] = cross[i] * inv_tau
 
-    if not pending_grad:
-
-        @T.prim_func
-        def logits_partials(
-            student_hidden: T.Tensor((rows, d_s), bf16),
-            student_head: T.Tensor((vocab, d_s), bf16),
-            teacher_hidden: T.Tensor((rows, d_t), bf16),
-            teacher_head: T.Tensor((vocab, d_t), bf16),
-            inv_tau: f32,
-            student_rel: T.Tensor((rows, vocab_pad), f16),
-            teacher_rel: T.Tensor((rows, vocab_pad), f16),
-            partials: T.Tensor((n_tiles, N_PARTIALS, rows), f32),
-        ):
-            # Row blocks vary fastest, so the CTAs in flight share a few head tiles through L2 and
-            # each head row is read from HBM once per chunk.
-            with T.Kernel(T.ceildiv(rows, block_m), n_tiles, threads=threads) as (bm, bv):
-                logits_tile(student_hidden, student_head, teacher_hidden, teacher_head, inv_tau, student_rel, teacher_rel, partials, bm, bv, None)
-
-        return logits_partials
+    def first_step(n, k_s, k_t, student: bool):
+        """Ring position of tile n's first K step of one head: the lead head's steps come first."""
+        return n * (k_s + k_t) + (0 if student == student_leads else (k_t if student else k_s))
 
     @T.prim_func
-    def grad_then_logits_partials(
+    def logits_partials(
         student_hidden: T.Tensor((rows, d_s), bf16),
         student_head: T.Tensor((vocab, d_s), bf16),
         teacher_hidden: T.Tensor((rows, d_t), bf16),
@@ -293,18 +258,82 @@ def logits_partials_kernel(
         student_rel: T.Tensor((rows, vocab_pad), f16),
         teacher_rel: T.Tensor((rows, vocab_pad), f16),
         partials: T.Tensor((n_tiles, N_PARTIALS, rows), f32),
-        prev_student_rel: T.Tensor((rows, vocab_pad), f16),
-        prev_partials: T.Tensor((n_tiles, N_PARTIALS, rows), f32),
-        prev_row_stats: T.Tensor((N_ROW_STATS, rows), f32),
-        prev_row_term: T.Tensor((rows,), f32),
-        prev_scale: f32,
-        prev_grad: T.Tensor((rows, vocab_pad), bf16),
     ):
-        with T.Kernel(T.ceildiv(rows, block_m), n_tiles, threads=threads) as (bm, bv):
-            pending = (prev_student_rel, prev_partials, prev_row_stats, prev_row_term, prev_scale, prev_grad)
-            logits_tile(student_hidden, student_head, teacher_hidden, teacher_head, inv_tau, student_rel, teacher_rel, partials, bm, bv, pending)
+        with T.Kernel(num_ctas, threads=384) as cta:
+            hidden_ring = T.alloc_shared((num_stages, block_m, block_k), bf16)
+            head_ring = T.alloc_shared((num_stages, block_v, block_k), bf16)
+            student_tile = T.alloc_shared((block_m, block_v), f16)
+            teacher_tile = T.alloc_shared((block_m, block_v), f16)
+            lead_row_max = T.alloc_shared((block_m,), f32)
+            full = T.alloc_barrier([1] * num_stages)  # one arrival + the TMA bytes
+            empty = T.alloc_barrier([128] * num_stages)  # every thread of the consuming warpgroup
+            student_go = T.alloc_barrier([1])
+            teacher_go = T.alloc_barrier([1])
+            xchg_full = T.alloc_barrier([128])  # the lead's tile and row max are in shared memory
+            xchg_empty = T.alloc_barrier([128])  # the other head has read them
 
-    return grad_then_logits_partials
+            zs = T.alloc_fragment((block_m, block_v), f32)
+            zt = T.alloc_fragment((block_m, block_v), f32)
+            work_s = T.alloc_fragment((block_m, block_v), f32)
+            work_t = T.alloc_fragment((block_m, block_v), f32)
+            max_s = T.alloc_fragment((block_m,), f32)
+            sum_s = T.alloc_fragment((block_m,), f32)
+            centered_s = T.alloc_fragment((block_m,), f32)
+            cross_s = T.alloc_fragment((block_m,), f32)
+            max_t = T.alloc_fragment((block_m,), f32)
+            sum_t = T.alloc_fragment((block_m,), f32)
+            cross_t = T.alloc_fragment((block_m,), f32)
+
+            k_s = T.ceildiv(d_s, block_k)
+            k_t = T.ceildiv(d_t, block_k)
+            my_tiles = T.ceildiv(T.max(n_row_blocks * n_tiles - cta, 0), num_ctas)
+
+            # Roles as if / else (one `T.ws` each would be separate ifs: 5.5 % slower, bench/NOTES.md).
+            if T.get_thread_binding(0) < 128:
+                with T.ws(0):
+                    T.set_max_nreg(24, 0)
+                    pbm = T.alloc_var(T.int32)
+                    pbv = T.alloc_var(T.int32)
+                    for n in T.serial(my_tiles):
+                        pbm, pbv = tile_of(cta, n)
+                        if student_leads:
+                            load_head(student_hidden, student_head, hidden_ring, head_ring, full, empty, student_go, pbm, pbv, first_step(n, k_s, k_t, True), k_s)
+                            load_head(teacher_hidden, teacher_head, hidden_ring, head_ring, full, empty, teacher_go, pbm, pbv, first_step(n, k_s, k_t, False), k_t)
+                        else:
+                            load_head(teacher_hidden, teacher_head, hidden_ring, head_ring, full, empty, teacher_go, pbm, pbv, first_step(n, k_s, k_t, False), k_t)
+                            load_head(student_hidden, student_head, hidden_ring, head_ring, full, empty, student_go, pbm, pbv, first_step(n, k_s, k_t, True), k_s)
+            else:
+                if T.get_thread_binding(0) < 256:
+                    with T.ws(1):
+                        T.set_max_nreg(240, 1)
+                        bm = T.alloc_var(T.int32)
+                        bv = T.alloc_var(T.int32)
+                        for n in T.serial(my_tiles):
+                            bm, bv = tile_of(cta, n)
+                            mma_head(hidden_ring, head_ring, full, empty, student_go, zs, n, first_step(n, k_s, k_t, True), k_s)
+                            head_epilogue(zs, work_s, max_s, sum_s, centered_s, cross_s, student_tile, teacher_tile, student_rel, lead_row_max, xchg_full, xchg_empty, inv_tau, n, bm, bv, 1, True, student_leads)
+                            T.copy(max_s, partials[bv, STUDENT_MAX, bm * block_m])
+                            T.copy(sum_s, partials[bv, STUDENT_SUMEXP, bm * block_m])
+                            T.copy(centered_s, partials[bv, STUDENT_CENTERED, bm * block_m])
+                            if exchange and not student_leads:
+                                T.copy(cross_s, partials[bv, cross_channel, bm * block_m])
+                        T.tma_store_wait()
+                else:
+                    with T.ws(2):
+                        T.set_max_nreg(240, 1)
+                        tbm = T.alloc_var(T.int32)
+                        tbv = T.alloc_var(T.int32)
+                        for n in T.serial(my_tiles):
+                            tbm, tbv = tile_of(cta, n)
+                            mma_head(hidden_ring, head_ring, full, empty, teacher_go, zt, n, first_step(n, k_s, k_t, False), k_t)
+                            head_epilogue(zt, work_t, max_t, sum_t, None, cross_t, teacher_tile, student_tile, teacher_rel, lead_row_max, xchg_full, xchg_empty, inv_tau, n, tbm, tbv, 2, False, not student_leads)
+                            T.copy(max_t, partials[tbv, TEACHER_MAX, tbm * block_m])
+                            T.copy(sum_t, partials[tbv, TEACHER_SUMEXP, tbm * block_m])
+                            if exchange and student_leads:
+                                T.copy(cross_t, partials[tbv, cross_channel, tbm * block_m])
+                        T.tma_store_wait()
+
+    return logits_partials
 
 
 # Rows of the [N_ROW_STATS, R] output of `combine_partials_kernel`: "kl" is the kind's KL,
@@ -450,8 +479,7 @@ def load_log_prob_tile(rel_s, rel_t, tile_ms, tile_mt, lse_s, lse_t, student_rel
 
 
 def logit_grad_tile_macro(kind: str, beta: float, block_m: int, block_v: int):
-    """The gradient of one [block_m, block_v] workspace tile into the bf16 fragment `g`, shared by
-    `logit_grad_kernel` and the `pending_grad` variant of `logits_partials_kernel`.
+    """The gradient of one [block_m, block_v] workspace tile into the bf16 fragment `g` (`logit_grad_kernel`).
 
     log p = rel_s + (tile max − row LSE), from the partials and the row statistics; `row_term` is
     KL(p‖q) (reverse) or KL(p‖m) (jsd); `scale` (> 0) folds the reduction weight and 1/τ.
@@ -612,19 +640,18 @@ def gemm_side_stream(device: torch.device) -> torch.cuda.Stream:
 
 
 @functools.cache
-def kernels_for(config: DistillKLKernelConfig, kind: str, beta: float, vocab: int, with_grad: bool):
-    """(logits, combine, gradient or None, JSD partials or None, grad-then-logits factory) of one
-    call's setting: one lookup per call instead of one per `tilelang.jit` factory. The
-    `pending_grad` logits kernel is built on first use: only chunks that share a GEMM group need it."""
+def kernels_for(config: DistillKLKernelConfig, kind: str, beta: float, vocab: int, with_grad: bool, num_sms: int):
+    """(logits, combine, gradient or None, JSD partials or None) of one call's setting: one lookup
+    per call instead of one per `tilelang.jit` factory."""
     c = config
     vocab_pad = padded_vocab(vocab)
-    logits = logits_partials_kernel(c.block_m, c.block_v, c.block_k, c.num_stages, c.threads, kind)
+    ctas = c.persistent_ctas or num_sms
+    logits = logits_partials_kernel(c.block_m, c.block_v, c.block_k, c.num_stages, kind, num_ctas=ctas)
     combine = combine_partials_kernel(kind, vocab, c.block_v, c.combine_block_r, c.combine_group)
     grad_beta = beta if kind == "jsd" else 0.0  # one compiled gradient per kind outside JSD
     grad = logit_grad_kernel(kind, grad_beta, vocab, vocab_pad, c.elementwise_block_m, c.block_v, c.threads) if with_grad else None
     jsd = jsd_partials_kernel(beta, vocab, vocab_pad, c.elementwise_block_m, c.block_v, c.threads) if kind == "jsd" else None
-    grad_then_logits = functools.partial(logits_partials_kernel, c.block_m, c.block_v, c.block_k, c.num_stages, c.threads, kind, True, grad_beta, vocab)
-    return logits, combine, grad, jsd, grad_then_logits
+    return logits, combine, grad, jsd
 
 
 def chunk_rows_for(vocab_pad: int, config: DistillKLKernelConfig, n_rows: int) -> tuple[int, int]:
@@ -664,8 +691,8 @@ def distill_kl_tilelang(
     inv_tau = 1.0 / temperature
     c = config
 
-    logits_kernel, combine_kernel, grad_kernel, jsd_kernel, grad_then_logits_kernel = kernels_for(c, kind, beta, vocab, grad_hidden or grad_head)
-    fuse_grad = grad_kernel is not None and c.fuse_pending_grad
+    num_sms = torch.cuda.get_device_properties(device).multi_processor_count
+    logits_kernel, combine_kernel, grad_kernel, jsd_kernel = kernels_for(c, kind, beta, vocab, grad_hidden or grad_head, num_sms)
 
     n_tiles = -(-vocab // c.block_v)
 
@@ -710,10 +737,6 @@ def distill_kl_tilelang(
                 hs_rows = student_hidden.index_select(0, gemm_sel)
                 ht_rows = teacher_hidden.index_select(0, gemm_sel)
                 first_row = 0
-            # The chunk whose gradient is not written yet: its workspace rows, partials, row
-            # statistics and per-row term. The next chunk's logits kernel writes it (same row
-            # count) before reusing the teacher workspace; otherwise its own launch does.
-            pending = None
             for offset in range(0, gemm_stop - gemm_start, chunk):
                 r = min(chunk, gemm_stop - gemm_start - offset)
                 hs = hs_rows[first_row + offset : first_row + offset + r]
@@ -722,14 +745,7 @@ def distill_kl_tilelang(
                 teacher_rel = teacher_rel_buf[:r]
                 partials = torch.empty(n_tiles, N_PARTIALS, r, dtype=torch.float32, device=device)
                 row_stats = torch.empty(N_ROW_STATS, r, dtype=torch.float32, device=device)
-                if pending is not None and fuse_grad and pending[0].shape[0] == r:
-                    prev_rel, *prev_stats = pending
-                    grad_then_logits_kernel()(hs, student_head, ht, head_t, inv_tau, student_rel, teacher_rel, partials, prev_rel, *prev_stats, grad_scale, prev_rel.view(torch.bfloat16))
-                else:
-                    if pending is not None:
-                        write_grad(*pending)
-                    logits_kernel(hs, student_head, ht, head_t, inv_tau, student_rel, teacher_rel, partials)
-                pending = None
+                logits_kernel(hs, student_head, ht, head_t, inv_tau, student_rel, teacher_rel, partials)
                 combine_kernel(partials, row_stats)
                 rows = slice(gemm_start + offset, gemm_start + offset + r) if group_rows is None else gemm_sel[offset : offset + r]
                 lse_s, _, kind_kl, row_entropy = row_stats
@@ -755,10 +771,8 @@ def distill_kl_tilelang(
                     entropy[rows] = row_entropy
                     if target_lp is not None:
                         target_logprob[rows] = target_lp
-                if grad_kernel is not None:
-                    pending = (student_rel, partials, row_stats, grad_term)
-            if pending is not None:
-                write_grad(*pending)
+                if grad_kernel is not None:  # before the next chunk's logits reuse the teacher workspace
+                    write_grad(student_rel, partials, row_stats, grad_term)
 
             if grad_kernel is None:
                 continue
