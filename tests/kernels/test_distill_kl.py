@@ -393,7 +393,7 @@ def _errors_vs_truth(ours, bf16_torch, truth):
 @pytest.mark.parametrize("n,vocab,d_s,d_t", [(401, 1271, 200, 136), (300, 5003, 128, 264), (1000, 129_280, 4096, 4096), (7, 151_936, 4096, 4096)])
 def test_gpu_kernel_matches_oracle(kind, beta, n, vocab, d_s, d_t):
     """Cases 1, 2, 4, 8 on the GPU, bf16 inputs, ragged N, V and d (a shorter teacher and a shorter
-    student: the kernel skips the shorter head's MMAs past its width); fp32 truth with materialised logits."""
+    student: each head's warpgroup loops over its own width); fp32 truth with materialised logits."""
     torch.backends.cuda.matmul.allow_tf32 = False
     hs, ws, ht, wt, ids, targets = make_inputs(n, vocab, d_s, d_t, dtype=torch.bfloat16, device="cuda")
     out, gh, gw = run_ours(hs, ws, ht, wt, ids, kind, beta, impl="tilelang", target_ids=targets)
