@@ -87,7 +87,7 @@ class DistillKLKernelConfig:
     num_stages: int = 5
     """depth of the logits kernel's ring of one-head stages (block_m×block_k hidden + block_v×block_k
     head, 32 KiB at the defaults); 5 fill the shared memory beside the two fp16 staging tiles.
-    4 stages ran 3.6 % slower (bench/NOTES.md)"""
+    4 stages ran 3.5 % slower (bench/NOTES.md)"""
     persistent_ctas: int = 0
     """CTAs of the persistent logits kernel; 0: one per SM of the device"""
     threads: int = 256
@@ -248,6 +248,25 @@ def logits_partials_kernel(
         """Ring position of tile n's first K step of one head: the lead head's steps come first."""
         return n * (k_s + k_t) + (0 if student == student_leads else (k_t if student else k_s))
 
+    @T.macro
+    def consume_head(is_student, z, work, row_max, row_sum, centered, cross, own_tile, other_tile, rel_out, go, hidden_ring, head_ring, full, empty, lead_row_max, xchg_full, xchg_empty, partials, inv_tau, cta, my_tiles, k_s, k_t):
+        """One consumer warpgroup: its head's K loop and epilogue for each of the CTA's tiles."""
+        is_lead = is_student == student_leads
+        T.set_max_nreg(240, 1)
+        bm = T.alloc_var(T.int32)
+        bv = T.alloc_var(T.int32)
+        for n in T.serial(my_tiles):
+            bm, bv = tile_of(cta, n)
+            mma_head(hidden_ring, head_ring, full, empty, go, z, n, first_step(n, k_s, k_t, is_student), k_s if is_student else k_t)
+            head_epilogue(z, work, row_max, row_sum, centered, cross, own_tile, other_tile, rel_out, lead_row_max, xchg_full, xchg_empty, inv_tau, n, bm, bv, 1 if is_student else 2, is_student, is_lead)
+            T.copy(row_max, partials[bv, STUDENT_MAX if is_student else TEACHER_MAX, bm * block_m])
+            T.copy(row_sum, partials[bv, STUDENT_SUMEXP if is_student else TEACHER_SUMEXP, bm * block_m])
+            if is_student:
+                T.copy(centered, partials[bv, STUDENT_CENTERED, bm * block_m])
+            if exchange and not is_lead:
+                T.copy(cross, partials[bv, cross_channel, bm * block_m])
+        T.tma_store_wait()
+
     @T.prim_func
     def logits_partials(
         student_hidden: T.Tensor((rows, d_s), bf16),
@@ -305,33 +324,10 @@ def logits_partials_kernel(
             else:
                 if T.get_thread_binding(0) < 256:
                     with T.ws(1):
-                        T.set_max_nreg(240, 1)
-                        bm = T.alloc_var(T.int32)
-                        bv = T.alloc_var(T.int32)
-                        for n in T.serial(my_tiles):
-                            bm, bv = tile_of(cta, n)
-                            mma_head(hidden_ring, head_ring, full, empty, student_go, zs, n, first_step(n, k_s, k_t, True), k_s)
-                            head_epilogue(zs, work_s, max_s, sum_s, centered_s, cross_s, student_tile, teacher_tile, student_rel, lead_row_max, xchg_full, xchg_empty, inv_tau, n, bm, bv, 1, True, student_leads)
-                            T.copy(max_s, partials[bv, STUDENT_MAX, bm * block_m])
-                            T.copy(sum_s, partials[bv, STUDENT_SUMEXP, bm * block_m])
-                            T.copy(centered_s, partials[bv, STUDENT_CENTERED, bm * block_m])
-                            if exchange and not student_leads:
-                                T.copy(cross_s, partials[bv, cross_channel, bm * block_m])
-                        T.tma_store_wait()
+                        consume_head(True, zs, work_s, max_s, sum_s, centered_s, cross_s, student_tile, teacher_tile, student_rel, student_go, hidden_ring, head_ring, full, empty, lead_row_max, xchg_full, xchg_empty, partials, inv_tau, cta, my_tiles, k_s, k_t)
                 else:
                     with T.ws(2):
-                        T.set_max_nreg(240, 1)
-                        tbm = T.alloc_var(T.int32)
-                        tbv = T.alloc_var(T.int32)
-                        for n in T.serial(my_tiles):
-                            tbm, tbv = tile_of(cta, n)
-                            mma_head(hidden_ring, head_ring, full, empty, teacher_go, zt, n, first_step(n, k_s, k_t, False), k_t)
-                            head_epilogue(zt, work_t, max_t, sum_t, None, cross_t, teacher_tile, student_tile, teacher_rel, lead_row_max, xchg_full, xchg_empty, inv_tau, n, tbm, tbv, 2, False, not student_leads)
-                            T.copy(max_t, partials[tbv, TEACHER_MAX, tbm * block_m])
-                            T.copy(sum_t, partials[tbv, TEACHER_SUMEXP, tbm * block_m])
-                            if exchange and student_leads:
-                                T.copy(cross_t, partials[tbv, cross_channel, tbm * block_m])
-                        T.tma_store_wait()
+                        consume_head(False, zt, work_t, max_t, sum_t, None, cross_t, teacher_tile, student_tile, teacher_rel, teacher_go, hidden_ring, head_ring, full, empty, lead_row_max, xchg_full, xchg_empty, partials, inv_tau, cta, my_tiles, k_s, k_t)
 
     return logits_partials
 
