@@ -6,6 +6,9 @@ never materialised. Two implementations share one contract:
 * `impl="tilelang"`: `kernel.py`, TileLang kernels for sm_90 plus cuBLAS GEMMs; CUDA, bf16.
 * `impl="torch"`: `ref.py`, a readable chunked fp32 reference; forced for CPU tensors.
 
+`distill_kl_topk` (`topk.py`) is the variant for teachers that ship top-k log-probs instead of
+hidden states (spec §2, §11 case 12).
+
 Gradients are computed during the forward pass (the loss is terminal), so only the scalar loss is
 differentiable, and only with respect to `student_hidden` and `student_head`; the per-token
 outputs are diagnostics without gradient. Call `.backward()` once per forward.
@@ -15,7 +18,8 @@ from typing import NamedTuple
 
 import torch
 
-from .ref import KINDS, DistillKLResult, distill_kl_reference
+from .ref import KINDS, DistillKLResult, check_row_inputs, distill_kl_reference
+from .topk import distill_kl_topk
 
 REDUCTIONS = ("mean", "sum")
 IMPLS = ("tilelang", "torch")
@@ -98,11 +102,9 @@ def _check_inputs(student_hidden, student_head, teacher_hidden, teacher_heads, t
         )
     if student_hidden.dtype != student_head.dtype or teacher_hidden.dtype != teacher_heads.dtype:
         raise ValueError("each hidden tensor must have its head's dtype")
-    for name, ids in (("teacher_ids", teacher_ids), ("target_ids", target_ids)):
-        if ids is not None and (ids.shape != (n_rows,) or ids.dtype != torch.int64):
-            raise ValueError(f"{name} must be int64 [{n_rows}], got {ids.dtype} {tuple(ids.shape)}")
-    if mask is not None and (mask.shape != (n_rows,) or mask.dtype != torch.bool):
-        raise ValueError(f"mask must be bool [{n_rows}] (True = token counts), got {mask.dtype} {tuple(mask.shape)}")
+    if teacher_ids is not None and (teacher_ids.shape != (n_rows,) or teacher_ids.dtype != torch.int64):
+        raise ValueError(f"teacher_ids must be int64 [{n_rows}], got {teacher_ids.dtype} {tuple(teacher_ids.shape)}")
+    check_row_inputs(n_rows, vocab, mask, target_ids)
     n_teachers = teacher_heads.shape[0]
     if teacher_ids is None and n_teachers != 1:
         raise ValueError(f"teacher_ids is required with {n_teachers} stacked teacher heads")
@@ -110,10 +112,6 @@ def _check_inputs(student_hidden, student_head, teacher_hidden, teacher_heads, t
         low, high = teacher_ids.min().item(), teacher_ids.max().item()
         if low < 0 or high >= n_teachers:
             raise ValueError(f"teacher_ids span [{low}, {high}] but only {n_teachers} teacher heads were given")
-    if target_ids is not None and target_ids.numel():
-        low, high = target_ids.min().item(), target_ids.max().item()
-        if low < 0 or high >= vocab:
-            raise ValueError(f"target_ids span [{low}, {high}] outside the vocabulary [0, {vocab})")
 
 
 def distill_kl(
@@ -199,4 +197,4 @@ def distill_kl(
     return DistillKLOutput(loss, per_token_kl, target_logprob, entropy)
 
 
-__all__ = ["distill_kl", "DistillKLOutput"]
+__all__ = ["distill_kl", "distill_kl_topk", "DistillKLOutput"]

@@ -155,6 +155,20 @@ def logit_grad(
     return (1.0 - beta) * p * (student_logp - log_m - row_loss_term[:, None])
 
 
+def check_row_inputs(n_rows: int, vocab: int, mask: torch.Tensor | None, target_ids: torch.Tensor | None) -> None:
+    """One-line ValueErrors for the per-row mask (bool [N]) and sampled-token ids (int64 [N] in [0, V))."""
+    if mask is not None and (mask.shape != (n_rows,) or mask.dtype != torch.bool):
+        raise ValueError(f"mask must be bool [{n_rows}] (True = token counts), got {mask.dtype} {tuple(mask.shape)}")
+    if target_ids is None:
+        return
+    if target_ids.shape != (n_rows,) or target_ids.dtype != torch.int64:
+        raise ValueError(f"target_ids must be int64 [{n_rows}], got {target_ids.dtype} {tuple(target_ids.shape)}")
+    if target_ids.numel():
+        low, high = target_ids.min().item(), target_ids.max().item()
+        if low < 0 or high >= vocab:
+            raise ValueError(f"target_ids span [{low}, {high}] outside the vocabulary [0, {vocab})")
+
+
 def teacher_row_groups(teacher_ids: torch.Tensor | None, mask: torch.Tensor | None, n_rows: int, device) -> list[tuple[int, torch.Tensor | None]]:
     """(teacher index, row indices) per teacher that has valid rows; rows keep their order.
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.distill_kl import distill_kl
+from kernels.distill_kl import distill_kl, distill_kl_topk
 from kernels.distill_kl.ref import distill_kl_reference, merge_vocab_partials, vocab_tile_partials
 
 CUDA = torch.cuda.is_available()
@@ -327,6 +327,132 @@ def test_no_grad_skips_gradient_work():
     with torch.no_grad():
         out = distill_kl(hs, ws, ht, wt, impl="torch")
     assert not out.loss.requires_grad
+
+
+# ---------------------------------------------------------------- top-k teacher log-probs (case 12)
+
+
+def run_topk(hs, ws, topk_ids, topk_logprobs, **kwargs):
+    """distill_kl_topk with gradients; returns (output, grad_hidden, grad_head)."""
+    hs = hs.detach().clone().requires_grad_(True)
+    ws = ws.detach().clone().requires_grad_(True)
+    out = distill_kl_topk(hs, ws, topk_ids, topk_logprobs, **kwargs)
+    out.loss.backward()
+    return out, hs.grad, ws.grad
+
+
+def trl_topk_loss(student_logits, topk_ids, teacher_topk_logprobs, kind, beta, mask, reduction):
+    """TRL ServerDistillationTrainer's formulation on materialised logits: full-vocabulary student
+    log-probs gathered at the teacher's ids, `_add_tail_bucket` on both sides (log-sum-exp clamped
+    at −1e-7, tail = log(−expm1(·))), then `generalized_jsd` over the k + 1 buckets."""
+
+    def add_tail_bucket(logp):
+        log_sum = torch.logsumexp(logp, dim=-1, keepdim=True).clamp(max=-1e-7)
+        return torch.cat([logp, torch.log(-torch.expm1(log_sum))], dim=-1)
+
+    logp = add_tail_bucket(F.log_softmax(student_logits, -1).gather(1, topk_ids))
+    logq = add_tail_bucket(teacher_topk_logprobs)
+    if kind == "reverse" or beta == 1.0:
+        per_token = (logp.exp() * (logp - logq)).sum(-1)
+    elif kind == "forward" or beta == 0.0:
+        per_token = (logq.exp() * (logq - logp)).sum(-1)
+    else:
+        log_m = torch.logsumexp(torch.stack([logp + math.log(1 - beta), logq + math.log(beta)]), 0)
+        per_token = beta * (logq.exp() * (logq - log_m)).sum(-1) + (1 - beta) * (logp.exp() * (logp - log_m)).sum(-1)
+    per_token = torch.where(mask, per_token, 0.0)
+    return per_token.sum() / (int(mask.sum()) if reduction == "mean" else 1), per_token
+
+
+@pytest.mark.parametrize("kind,beta", KIND_CASES)
+@pytest.mark.parametrize("add_tail", [False, True])
+def test_topk_with_every_id_equals_the_full_loss(kind, beta, add_tail):
+    """Case 12: a top-k variant with k = V (ids in a different order per row) equals distill_kl;
+    N = 401 and V = 1271 are ragged against the 128-row chunks. With k = V the tail bucket holds
+    ≈ 1e-7 on both sides, so it changes nothing within the fp32 tolerance."""
+    hs, ws, ht, wt, _, targets = make_inputs(401, 1271, 24, 40)
+    teacher_logp = F.log_softmax(ht @ wt[0].T, -1)
+    gen = torch.Generator().manual_seed(5)
+    all_ids = torch.stack([torch.randperm(1271, generator=gen) for _ in range(401)])
+    mask = torch.rand(401, generator=gen) > 0.2
+    out, gh, gw = run_topk(hs, ws, all_ids, teacher_logp.gather(1, all_ids), kind=kind, beta=beta, mask=mask, add_tail=add_tail, target_ids=targets, chunk_rows=128)
+    full, gh_ref, gw_ref = run_ours(hs, ws, ht, wt, None, kind, beta, mask=mask, target_ids=targets)
+    assert_close("loss", out.loss, full.loss, **LOSS_TOL)
+    assert_close("per-token", out.per_token_kl, full.per_token_kl, **LOSS_TOL)
+    assert_close("entropy", out.entropy, full.entropy, **LOSS_TOL)
+    assert_close("target logprob", out.target_logprob, full.target_logprob, **LOSS_TOL)
+    assert_grad_close("grad hidden", gh, gh_ref, tol=GRAD_TOL)
+    assert_grad_close("grad head", gw, gw_ref, tol=GRAD_TOL)
+
+
+@pytest.mark.parametrize("kind,beta", KIND_CASES)
+@pytest.mark.parametrize("k,reduction", [(1, "mean"), (5, "sum")])
+def test_topk_tail_bucket_equals_trl_formulation(kind, beta, k, reduction):
+    """Case 12: with the tail bucket, loss, per-token values and gradients equal TRL's
+    `_add_tail_bucket` + generalized JSD on materialised fp64 logits (k = 1 is TRL's default)."""
+    hs, ws, ht, wt, _, _ = make_inputs(7, 37, 8, 8, dtype=torch.float64)
+    teacher_logp = F.log_softmax(ht @ wt[0].T, -1)
+    topk_logprobs, topk_ids = teacher_logp.topk(k, dim=-1)
+    mask = torch.tensor([True, True, False, True, True, True, False])
+    out, gh, gw = run_topk(hs, ws, topk_ids, topk_logprobs, kind=kind, beta=beta, mask=mask, reduction=reduction, chunk_rows=3)
+    hs_ref, ws_ref = hs.clone().requires_grad_(True), ws.clone().requires_grad_(True)
+    loss, per_token = trl_topk_loss(hs_ref @ ws_ref.T, topk_ids, topk_logprobs, kind, beta, mask, reduction)
+    loss.backward()
+    assert_close("loss", out.loss, loss.detach(), atol=1e-12, rtol=1e-10)
+    assert_close("per-token", out.per_token_kl, per_token.detach(), atol=1e-6, rtol=1e-6)  # stored in fp32
+    assert_grad_close("grad hidden", gh, hs_ref.grad, tol=1e-10)
+    assert_grad_close("grad head", gw, ws_ref.grad, tol=1e-10)
+    assert out.loss.item() > 0 and (out.per_token_kl[~mask] == 0).all()
+
+
+def test_topk_never_keeps_vocabulary_wide_activations():
+    """The student's [R, V] logits are recomputed in the backward, not saved: every tensor autograd
+    keeps is smaller than one chunk's logits (without checkpointing, softmax and log-sum-exp would
+    keep [R, V] per chunk)."""
+    hs, ws, ht, wt, _, _ = make_inputs(600, 1271, 24, 24)
+    teacher_logp, topk_ids = F.log_softmax(ht @ wt[0].T, -1).topk(20, dim=-1)
+    hs.requires_grad_(True)
+    ws.requires_grad_(True)
+    saved = []
+
+    def pack(tensor):
+        saved.append(tensor.numel())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = distill_kl_topk(hs, ws, topk_ids, teacher_logp, chunk_rows=128)
+    out.loss.backward()
+    assert saved and max(saved) < 128 * 1271, f"largest saved tensor has {max(saved)} elements"
+    assert hs.grad.abs().max() > 0 and ws.grad.abs().max() > 0
+
+
+def test_topk_fully_masked_batch_is_zero_with_zero_grads():
+    """Case 5 for the top-k variant: the loss is 0 and backward gives zero gradients."""
+    hs, ws, ht, wt, _, _ = make_inputs(5, 40, 8, 8)
+    logp, ids = F.log_softmax(ht @ wt[0].T, -1).topk(4, dim=-1)
+    out, gh, gw = run_topk(hs, ws, ids, logp, mask=torch.zeros(5, dtype=torch.bool))
+    assert out.loss.item() == 0 and (out.per_token_kl == 0).all()
+    assert (gh == 0).all() and (gw == 0).all()
+
+
+def test_topk_bad_inputs_raise():
+    """One-line errors before any V-wide work: repeated ids, ids outside V, logits passed as
+    log-probs, non-finite log-probs, mismatched shapes."""
+    hs, ws, ht, wt, _, _ = make_inputs(4, 40, 8, 8)
+    logp, ids = F.log_softmax(ht @ wt[0].T, -1).topk(3, dim=-1)
+    with pytest.raises(ValueError, match="repeat an id"):
+        distill_kl_topk(hs, ws, torch.cat([ids[:, :2], ids[:, :1]], 1), logp)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        distill_kl_topk(hs, ws, ids + 40, logp)
+    with pytest.raises(ValueError, match="not logits"):
+        distill_kl_topk(hs, ws, ids, logp + 5.0)
+    with pytest.raises(ValueError, match="must be finite"):
+        distill_kl_topk(hs, ws, ids, torch.where(logp < logp.max(), -math.inf, logp))
+    with pytest.raises(ValueError, match="like the ids"):
+        distill_kl_topk(hs, ws, ids, logp[:, :2])
+    with pytest.raises(ValueError, match="kind="):
+        distill_kl_topk(hs, ws, ids, logp, kind="kl")
+    with pytest.raises(ValueError, match="mask must be bool"):
+        distill_kl_topk(hs, ws, ids, logp, mask=torch.ones(4))
 
 
 # ---------------------------------------------------------------- build check without a GPU
