@@ -14,28 +14,12 @@ differentiable, and only with respect to `student_hidden` and `student_head`; th
 outputs are diagnostics without gradient. Call `.backward()` once per forward.
 """
 
-from typing import NamedTuple
-
 import torch
 
-from .ref import KINDS, DistillKLResult, check_row_inputs, distill_kl_reference
+from .ref import KINDS, REDUCTIONS, DistillKLOutput, DistillKLResult, check_row_inputs, distill_kl_reference
 from .topk import distill_kl_topk
 
-REDUCTIONS = ("mean", "sum")
 IMPLS = ("tilelang", "torch")
-
-
-class DistillKLOutput(NamedTuple):
-    """Result of `distill_kl`; per-token tensors are fp32 [N] and 0 at masked positions."""
-
-    loss: torch.Tensor
-    """scalar; differentiable w.r.t. student_hidden and student_head"""
-    per_token_kl: torch.Tensor
-    """the per-token divergence (KL or JSD) of the tempered distributions"""
-    target_logprob: torch.Tensor | None
-    """log p_s(target_ids) of the tempered student, for PG-style OPD and IS ratios; None without target_ids"""
-    entropy: torch.Tensor
-    """entropy of the tempered student distribution"""
 
 
 class _DistillKLFunction(torch.autograd.Function):

@@ -39,6 +39,7 @@ PARTIAL_CHANNELS = (
 N_PARTIALS = len(PARTIAL_CHANNELS)
 
 KINDS = ("reverse", "forward", "jsd")
+REDUCTIONS = ("mean", "sum")
 
 
 class RowStats(NamedTuple):
@@ -49,6 +50,19 @@ class RowStats(NamedTuple):
     reverse_kl: torch.Tensor  # KL(p_s ‖ p_t)
     forward_kl: torch.Tensor  # KL(p_t ‖ p_s)
     student_entropy: torch.Tensor
+
+
+class DistillKLOutput(NamedTuple):
+    """Result of `distill_kl` and `distill_kl_topk`; per-token tensors are fp32 [N] and 0 at masked positions."""
+
+    loss: torch.Tensor
+    """scalar; differentiable w.r.t. student_hidden and student_head"""
+    per_token_kl: torch.Tensor
+    """the per-token divergence (KL or JSD) of the tempered distributions"""
+    target_logprob: torch.Tensor | None
+    """log p_s(target_ids) of the tempered student, for PG-style OPD and IS ratios; None without target_ids"""
+    entropy: torch.Tensor
+    """entropy of the tempered student distribution"""
 
 
 class DistillKLResult(NamedTuple):
@@ -124,9 +138,14 @@ def merge_vocab_partials(partials_PCR: torch.Tensor) -> RowStats:
     )
 
 
+def log_mixture(student_logp: torch.Tensor, teacher_logp: torch.Tensor, beta: float) -> torch.Tensor:
+    """log m with m = (1−β)p + βq, elementwise (GKD, spec §2); 0 < β < 1."""
+    return torch.logaddexp(student_logp + math.log1p(-beta), teacher_logp + math.log(beta))
+
+
 def jsd_terms(student_logp: torch.Tensor, teacher_logp: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Elementwise p(log p − log m) and q(log q − log m) with m = (1−β)p + βq (GKD, spec §2)."""
-    log_m = torch.logaddexp(student_logp + math.log1p(-beta), teacher_logp + math.log(beta))
+    log_m = log_mixture(student_logp, teacher_logp, beta)
     return (
         student_logp.exp() * (student_logp - log_m),
         teacher_logp.exp() * (teacher_logp - log_m),
@@ -151,7 +170,7 @@ def logit_grad(
         return p * (student_logp - teacher_logp - row_loss_term[:, None])
     if kind == "forward":
         return p - teacher_logp.exp()
-    log_m = torch.logaddexp(student_logp + math.log1p(-beta), teacher_logp + math.log(beta))
+    log_m = log_mixture(student_logp, teacher_logp, beta)
     return (1.0 - beta) * p * (student_logp - log_m - row_loss_term[:, None])
 
 

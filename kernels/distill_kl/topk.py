@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from .ref import check_row_inputs, jsd_terms, resolve_kind
+from .ref import REDUCTIONS, DistillKLOutput, check_row_inputs, jsd_terms, resolve_kind
 
 TAIL_LOG_MASS_MAX = -1e-7
 """TRL's clamp of the support's log-mass: keeps 1 − Σ_k p > 0, so the tail's log is finite."""
@@ -95,7 +95,7 @@ def distill_kl_topk(
     add_tail: bool = True,
     target_ids: torch.Tensor | None = None,
     chunk_rows: int = 256,
-):
+) -> DistillKLOutput:
     """Divergence between the student's distribution and a teacher's top-k log-probs, from hidden states.
 
     student_hidden [N, Ds] and student_head [V, Ds] (trainable; any float dtype, math in fp32 or fp64);
@@ -106,8 +106,6 @@ def distill_kl_topk(
     Returns a `DistillKLOutput`; the loss is differentiable w.r.t. student_hidden and student_head
     through autograd (each chunk's logits are recomputed in the backward).
     """
-    from . import REDUCTIONS, DistillKLOutput
-
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction={reduction!r} is not one of {REDUCTIONS}; per-token values are always returned")
     kind, beta = resolve_kind(kind, beta)

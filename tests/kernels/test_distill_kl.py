@@ -40,6 +40,17 @@ def make_inputs(n, vocab, d_s, d_t, n_teachers=1, dtype=torch.float32, device="c
     return hs, ws, ht, wt, ids, targets
 
 
+def naive_divergence(logp, logq, kind, beta):
+    """Per-row divergence of student / teacher log-probs over their last dimension (TRL
+    generalized_jsd_loss; beta 0 / 1 are forward / reverse KL)."""
+    if kind == "reverse" or (kind == "jsd" and beta == 1.0):
+        return (logp.exp() * (logp - logq)).sum(-1)
+    if kind == "forward" or (kind == "jsd" and beta == 0.0):
+        return (logq.exp() * (logq - logp)).sum(-1)
+    log_m = torch.logsumexp(torch.stack([logp + math.log(1 - beta), logq + math.log(beta)]), 0)
+    return beta * (logq.exp() * (logq - log_m)).sum(-1) + (1 - beta) * (logp.exp() * (logp - log_m)).sum(-1)
+
+
 def naive(hs, ws, ht, wt, ids, kind, beta, tau=1.0, mask=None, reduction="mean", target_ids=None, dtype=torch.float64, logits_dtype=None):
     """Materialised-logits oracle; returns (loss, per-token loss, target logprob, entropy) with autograd.
 
@@ -53,13 +64,7 @@ def naive(hs, ws, ht, wt, ids, kind, beta, tau=1.0, mask=None, reduction="mean",
         zt[rows] = (cast(ht[rows]) @ cast(wt[teacher]).T).to(dtype)
     logp = F.log_softmax(zs / tau, -1)
     logq = F.log_softmax(zt / tau, -1)
-    if kind == "reverse" or (kind == "jsd" and beta == 1.0):
-        per_token = (logp.exp() * (logp - logq)).sum(-1)
-    elif kind == "forward" or (kind == "jsd" and beta == 0.0):
-        per_token = (logq.exp() * (logq - logp)).sum(-1)
-    else:  # TRL generalized_jsd_loss
-        log_m = torch.logsumexp(torch.stack([logp + math.log(1 - beta), logq + math.log(beta)]), 0)
-        per_token = beta * (logq.exp() * (logq - log_m)).sum(-1) + (1 - beta) * (logp.exp() * (logp - log_m)).sum(-1)
+    per_token = naive_divergence(logp, logq, kind, beta)
     valid = torch.ones_like(per_token, dtype=torch.bool) if mask is None else mask
     per_token = torch.where(valid, per_token, 0.0)
     loss = per_token.sum() / (max(int(valid.sum()), 1) if reduction == "mean" else 1)
@@ -68,13 +73,20 @@ def naive(hs, ws, ht, wt, ids, kind, beta, tau=1.0, mask=None, reduction="mean",
     return loss, per_token, target_logprob, entropy
 
 
-def run_ours(hs, ws, ht, wt, ids, kind, beta, impl="torch", grad_scale=1.0, **kwargs):
-    """distill_kl with gradients; returns (output, grad_hidden, grad_head)."""
+def with_student_grads(loss_fn, hs, ws, grad_scale=1.0):
+    """loss_fn(student_hidden, student_head) on fresh leaf copies, backward through its `.loss`;
+    returns (output, grad_hidden, grad_head)."""
     hs = hs.detach().clone().requires_grad_(True)
     ws = ws.detach().clone().requires_grad_(True)
-    out = distill_kl(hs, ws, ht, wt, ids if wt.shape[0] > 1 else None, kind=kind, beta=beta, impl=impl, **kwargs)
+    out = loss_fn(hs, ws)
     (out.loss * grad_scale).backward()
     return out, hs.grad, ws.grad
+
+
+def run_ours(hs, ws, ht, wt, ids, kind, beta, impl="torch", grad_scale=1.0, **kwargs):
+    """distill_kl with gradients; returns (output, grad_hidden, grad_head)."""
+    teacher_ids = ids if wt.shape[0] > 1 else None
+    return with_student_grads(lambda h, w: distill_kl(h, w, ht, wt, teacher_ids, kind=kind, beta=beta, impl=impl, **kwargs), hs, ws, grad_scale)
 
 
 def run_naive(hs, ws, ht, wt, ids, kind, beta, grad_scale=1.0, dtype=torch.float64, logits_dtype=None, **kwargs):
@@ -334,11 +346,7 @@ def test_no_grad_skips_gradient_work():
 
 def run_topk(hs, ws, topk_ids, topk_logprobs, **kwargs):
     """distill_kl_topk with gradients; returns (output, grad_hidden, grad_head)."""
-    hs = hs.detach().clone().requires_grad_(True)
-    ws = ws.detach().clone().requires_grad_(True)
-    out = distill_kl_topk(hs, ws, topk_ids, topk_logprobs, **kwargs)
-    out.loss.backward()
-    return out, hs.grad, ws.grad
+    return with_student_grads(lambda h, w: distill_kl_topk(h, w, topk_ids, topk_logprobs, **kwargs), hs, ws)
 
 
 def trl_topk_loss(student_logits, topk_ids, teacher_topk_logprobs, kind, beta, mask, reduction):
@@ -352,14 +360,7 @@ def trl_topk_loss(student_logits, topk_ids, teacher_topk_logprobs, kind, beta, m
 
     logp = add_tail_bucket(F.log_softmax(student_logits, -1).gather(1, topk_ids))
     logq = add_tail_bucket(teacher_topk_logprobs)
-    if kind == "reverse" or beta == 1.0:
-        per_token = (logp.exp() * (logp - logq)).sum(-1)
-    elif kind == "forward" or beta == 0.0:
-        per_token = (logq.exp() * (logq - logp)).sum(-1)
-    else:
-        log_m = torch.logsumexp(torch.stack([logp + math.log(1 - beta), logq + math.log(beta)]), 0)
-        per_token = beta * (logq.exp() * (logq - log_m)).sum(-1) + (1 - beta) * (logp.exp() * (logp - log_m)).sum(-1)
-    per_token = torch.where(mask, per_token, 0.0)
+    per_token = torch.where(mask, naive_divergence(logp, logq, kind, beta), 0.0)
     return per_token.sum() / (int(mask.sum()) if reduction == "mean" else 1), per_token
 
 
